@@ -1,0 +1,3 @@
+from imgcls.cli import main
+
+raise SystemExit(main())

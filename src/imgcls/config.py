@@ -1,0 +1,270 @@
+"""The typed run configuration: one frozen dataclass, built once by the CLI (or a study) and written
+into every run folder and checkpoint.
+
+Keys are the train options with underscores (``--img-size`` is ``img_size``). Precedence, lowest first:
+field defaults < ``--recipe`` < ``--config FILE`` < explicit flags < ``--set key=value``.
+Unknown keys and wrong types are errors; nothing from a file is ever evaluated as code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgcls.errors import ImgclsError
+
+AUGMENTS = ("none", "flip", "flip-rotate", "rrc", "randaugment", "strong")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NORMS = ("default", "none")
+SCHEDULES = ("cosine", "constant")
+RECIPES = ("none", "fast-finetune")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what a training run computes."""
+
+    data: str = ""
+    # data
+    img_size: int = 0  # 0 = derived from the data (most common side, capped at 224)
+    val_fraction: float = 0.1  # carved from train when the data has no val split
+    test_fraction: float = 0.1  # carved only from a plain folder of classes
+    split_seed: int = 0  # fixed across training seeds, so every seed sees the same splits
+    exclude_classes: tuple[str, ...] = ()
+    max_bad_fraction: float = 0.05
+    # model
+    model: str = "resnet18"
+    pretrained: bool = False
+    weights: str = ""  # a local weights file (safetensors, or a tensors-only .pth)
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    norm: str = "default"
+    freeze: int = 0  # number of leading feature stages kept frozen (fine-tuning)
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0
+    accum_steps: int = 1
+    ema: float = 0.0  # EMA decay; 0 = off
+    # loop
+    epochs: int = 10
+    batch_size: int = 64
+    augment: str = "flip-rotate"
+    seed: int = 0
+    patience: int = 0  # early stopping on val accuracy; 0 = off
+    tta: bool = False  # flip test-time augmentation in evaluation
+    # speed
+    recipe: str = "none"
+    precision: str = "auto"
+    channels_last: str = "auto"  # auto | on | off
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("augment", self.augment, AUGMENTS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("recipe", self.recipe, RECIPES)
+        _check_choice("channels_last", self.channels_last, ("auto", "on", "off"))
+        for name in ("epochs", "batch_size", "accum_steps"):
+            if getattr(self, name) < 1:
+                raise ImgclsError(f"config: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_fraction", "test_fraction", "max_bad_fraction", "dropout", "drop_path", "label_smoothing"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ImgclsError(f"config: {name} must be in [0, 1), got {v}")
+        if self.lr <= 0:
+            raise ImgclsError(f"config: lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ImgclsError(f"config: ema is a decay in [0, 1), got {self.ema}")
+        if self.img_size < 0 or 0 < self.img_size < 8:
+            raise ImgclsError(f"config: img_size must be 0 (auto) or at least 8, got {self.img_size}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return from_dict({**to_dict(self), **changes})
+
+
+# Recipes set defaults; anything the user states explicitly still wins (see merge order above).
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # Measured on the 2-core CPU (README, bench/time_to_accuracy.py): a pretrained model fine-tuned with the
+    # early stages frozen, short cosine schedule, EMA of the weights and flip TTA.
+    "fast-finetune": {
+        "pretrained": True,
+        "freeze": 4,
+        "epochs": 4,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+        "warmup_epochs": 0.3,
+        "augment": "flip",
+        "ema": 0.998,
+        "tta": True,
+        "batch_size": 64,
+    },
+}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ImgclsError(f"config: {name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Check and convert one value to the field's declared type (bool, int, float, str, tuple[str])."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int)) for v in value):
+            raise ImgclsError(f"config: {name} must be a list of names, got {value!r}")
+        return tuple(str(v) for v in value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if not isinstance(value, bool):
+            raise ImgclsError(f"config: {name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ImgclsError(f"config: {name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ImgclsError(f"config: {name} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ImgclsError(f"config: {name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ImgclsError(f"config: {name} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ImgclsError(f"config: {name} must be text, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type for {name}: {tp}")  # a bug in this file, not user input
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def check_keys(d: dict[str, Any], *, where: str) -> None:
+    unknown = sorted(set(d) - set(_TYPES))
+    if unknown:
+        raise ImgclsError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(field_names())}"
+        )
+
+
+def coerce_dict(d: dict[str, Any], *, where: str) -> dict[str, Any]:
+    check_keys(d, where=where)
+    return {k: _coerce(k, _TYPES[k], v) for k, v in d.items()}
+
+
+def from_dict(d: dict[str, Any], *, where: str = "config") -> TrainConfig:
+    return TrainConfig(**coerce_dict(d, where=where))
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["exclude_classes"] = list(cfg.exclude_classes)
+    return d
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON mapping of config keys (YAML is a superset of JSON)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImgclsError(f"config file not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ImgclsError(f"config file {p} is not valid YAML/JSON: {e}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ImgclsError(f"config file {p} must hold a mapping of keys to values")
+    check_keys(d, where=f"config file {p}")
+    return d
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML scalars/lists (data, never code)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ImgclsError(f"--set takes key=value, got {item!r}")
+        key = key.strip().replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    check_keys(out, where="--set")
+    return out
+
+
+def resolve(
+    *,
+    flags: dict[str, Any],
+    file: str | Path | None = None,
+    sets: list[str] | None = None,
+) -> TrainConfig:
+    """Merge the layers in order; ``flags`` holds only what the user stated explicitly."""
+    from_file = read_file(file) if file else {}
+    from_sets = parse_set(sets or [])
+    explicit = {**from_file, **flags, **from_sets}
+    recipe = str(explicit.get("recipe", "none"))
+    if recipe not in RECIPE_DEFAULTS:
+        _check_choice("recipe", recipe, RECIPES)
+    return from_dict({**RECIPE_DEFAULTS[recipe], **explicit})
+
+
+def dump(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+
+
+def load(path: str | Path) -> TrainConfig:
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ImgclsError(f"missing {p}: not an imgcls run folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ImgclsError(f"{p} is damaged: {e}") from None
+    if not isinstance(d, dict):
+        raise ImgclsError(f"{p} is damaged: expected a mapping")
+    return from_dict(d, where=str(p))
+
+
+__all__ = [
+    "TrainConfig",
+    "RECIPE_DEFAULTS",
+    "from_dict",
+    "to_dict",
+    "resolve",
+    "dump",
+    "load",
+    "parse_set",
+    "read_file",
+    "field_names",
+    "coerce_dict",
+]

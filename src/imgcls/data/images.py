@@ -1,0 +1,110 @@
+"""The one image loader used by train, eval, predict and explain.
+
+Pillow's ``convert('RGB')`` gets several real-world cases wrong, so the normalisation is explicit:
+EXIF orientation is applied, 16-bit images are scaled (not clipped to white), alpha is composited on a
+fixed background, CMYK/palette/grayscale become RGB. Files are read as bytes first, so any file name
+works, and the full decode happens here, so a truncated file fails now and not hours into training.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+BACKGROUND = (255, 255, 255)  # alpha is composited on white, the way viewers show transparent images
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; ``reason`` is short and human-readable."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.nan_to_num(a).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        bg = Image.new("RGB", img.size, BACKGROUND)
+        bg.paste(img, mask=img.getchannel("A"))
+        return bg
+    if mode == "RGB":
+        return img
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    """Decode a file fully into an ``H x W x 3`` uint8 array; returns it with the original mode.
+
+    Raises :class:`BadImage` with a reason for empty, non-image, truncated, or oversized files.
+    ``max_pixels`` defaults to Pillow's decompression-bomb limit, checked from the header before decoding.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+    return decode_rgb(data, max_pixels=max_pixels)
+
+
+def decode_rgb(data: bytes, *, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if limit and w * h > limit:
+                raise BadImage(f"too large: {w}x{h} pixels exceeds the limit of {limit} (decompression bomb guard)")
+            mode = img.mode
+            img.load()  # the full decode: truncated data fails here
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # malformed EXIF: keep the pixels as stored rather than lose the image
+                pass
+            rgb = _to_rgb(img)
+            arr = np.asarray(rgb, dtype=np.uint8)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"too large (decompression bomb guard): {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"cannot decode: {e}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise BadImage(f"unexpected decoded shape {arr.shape}")
+    return arr, mode
+
+
+def resize_rgb(arr: np.ndarray, size: int) -> np.ndarray:
+    """Squash to ``size x size`` (no crop, so no content is cut away), antialiased."""
+    if arr.shape[0] == size and arr.shape[1] == size:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))

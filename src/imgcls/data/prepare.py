@@ -1,0 +1,266 @@
+"""From a config to ready uint8 tensors per split, a fixed class map and the data report."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.config import TrainConfig
+from imgcls.data.cache import DecodedPool, decode_pool, peek_sizes
+from imgcls.data.sources import Discovery, discover, source_files, stratified_split
+from imgcls.errors import ImgclsError
+
+
+@dataclass
+class Split:
+    """One split as tensors: ``images`` is ``N x S x S x 3`` uint8, ``labels`` index the class map."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class PreparedData:
+    classes: list[str]
+    img_size: int
+    train: Split
+    val: Split
+    test: Split | None
+    excluded_classes: list[str] = field(default_factory=list)
+    excluded_test: Split | None = None  # test images of left-out classes; labels index excluded_classes
+    report: dict = field(default_factory=dict)
+
+
+def auto_img_size(disc: Discovery) -> int:
+    """The most common longer side among the first images, capped at 224 (a cheap header read)."""
+    pool = next(iter(disc.pools.values()))
+    sizes = peek_sizes(pool)
+    if not sizes:
+        return 224
+    (w, h), _ = sizes.most_common(1)[0]
+    return int(min(max(w, h), 224))
+
+
+def _decode_all(disc: Discovery, size: int, max_bad: float) -> dict[str, DecodedPool]:
+    src_id = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in source_files(disc))
+    out = {}
+    for name, pool in disc.pools.items():
+        dec = decode_pool(pool, size=size, source_id=src_id)
+        bad = len(dec.skipped)
+        if len(pool) and bad / len(pool) > max_bad:
+            examples = "; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in dec.skipped[:3])
+            raise ImgclsError(
+                f"{bad} of {len(pool)} files in the {name} split cannot be used ({bad / len(pool):.0%} > "
+                f"max_bad_fraction {max_bad:.0%}), e.g. {examples}. Fix the files or raise --max-bad-fraction."
+            )
+        out[name] = dec
+    return out
+
+
+def _tensor_split(name: str, dec: DecodedPool, rows: np.ndarray, label_ids: list[int]) -> Split:
+    images = torch.from_numpy(np.ascontiguousarray(dec.images[rows])) if len(rows) else torch.empty(
+        (0, *dec.images.shape[1:]), dtype=torch.uint8
+    )
+    return Split(name, images, torch.as_tensor(label_ids, dtype=torch.int64), [dec.paths[i] for i in rows])
+
+
+def _assign(disc: Discovery, pools: dict[str, DecodedPool], cfg: TrainConfig) -> dict[str, tuple[str, np.ndarray]]:
+    """split name -> (pool name, row indices into that pool)."""
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    if "all" in pools:
+        parts = stratified_split(
+            pools["all"].labels, {"val": cfg.val_fraction, "test": cfg.test_fraction}, seed=cfg.split_seed
+        )
+        return {k: ("all", v) for k, v in parts.items()}
+    if "train" not in pools:
+        raise ImgclsError(f"{disc.root} has no training split (expected a train/ folder or split=train rows)")
+    carve = {}
+    if "val" not in pools:
+        carve["val"] = cfg.val_fraction
+    if "test" not in pools:
+        carve["test"] = cfg.test_fraction
+    parts = stratified_split(pools["train"].labels, carve, seed=cfg.split_seed)
+    for k, v in parts.items():
+        out[k] = ("train", v)
+    for k in ("val", "test"):
+        if k in pools:
+            out[k] = (k, np.arange(len(pools[k].paths)))
+    return out
+
+
+def prepare(cfg: TrainConfig) -> PreparedData:
+    """Discover, verify and decode ``cfg.data``; fix the class map from the training split."""
+    disc = discover(cfg.data)
+    size = cfg.img_size or auto_img_size(disc)
+    pools = _decode_all(disc, size, cfg.max_bad_fraction)
+    assignment = _assign(disc, pools, cfg)
+
+    train_pool, train_rows = assignment["train"]
+    train_labels = [pools[train_pool].labels[i] for i in train_rows]
+    all_classes = sorted(set(train_labels))
+    unknown_excl = [c for c in cfg.exclude_classes if c not in all_classes]
+    if unknown_excl:
+        raise ImgclsError(
+            f"exclude_classes names unknown class(es) {', '.join(unknown_excl)}; classes are {', '.join(all_classes)}"
+        )
+    excluded = [c for c in all_classes if c in cfg.exclude_classes]
+    classes = [c for c in all_classes if c not in excluded]
+    if len(classes) < 2:
+        raise ImgclsError(
+            f"training needs at least two classes; found {len(classes)} ({', '.join(classes) or 'none'})"
+            + (f" after excluding {', '.join(excluded)}" if excluded else "")
+        )
+    index = {c: i for i, c in enumerate(classes)}
+
+    splits: dict[str, Split] = {}
+    excluded_test = None
+    for name in ("train", "val", "test"):
+        pool_name, rows = assignment[name]
+        dec = pools[pool_name]
+        names = [dec.labels[i] for i in rows]
+        unseen = sorted({n for n in names if n not in index and n not in excluded})
+        if unseen:
+            raise ImgclsError(
+                f"class(es) {', '.join(unseen)} appear in the {name} split but not in training; "
+                f"the model knows {', '.join(classes)}"
+            )
+        keep = np.asarray([i for i, n in zip(rows, names) if n in index], dtype=np.int64)
+        splits[name] = _tensor_split(name, dec, keep, [index[dec.labels[i]] for i in keep])
+        if name == "test" and excluded:
+            ex_rows = np.asarray([i for i, n in zip(rows, names) if n in excluded], dtype=np.int64)
+            ex_index = {c: i for i, c in enumerate(excluded)}
+            excluded_test = _tensor_split("test-excluded", dec, ex_rows, [ex_index[dec.labels[i]] for i in ex_rows])
+    if len(splits["val"]) == 0:
+        raise ImgclsError("the validation split is empty: raise --val-fraction or add images")
+
+    report = build_report(disc, pools, assignment, classes=classes, excluded=excluded, size=size)
+    return PreparedData(
+        classes=classes,
+        img_size=size,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"] if len(splits["test"]) else None,
+        excluded_classes=excluded,
+        excluded_test=excluded_test,
+        report=report,
+    )
+
+
+def prepare_eval(data: str, *, classes: list[str], img_size: int, allow_unknown: list[str] = ()) -> tuple[Split, Split | None, dict]:
+    """Evaluation data mapped onto a model's class map by name.
+
+    A split root is evaluated on its test split; a folder of classes (or a CSV) whole. Images of classes in
+    ``allow_unknown`` (a run's left-out classes) are returned apart; any other unknown class is an error.
+    """
+    disc = discover(data)
+    if "test" in disc.pools:
+        pools_used = {"test": disc.pools["test"]}
+    elif "all" in disc.pools:
+        pools_used = {"all": disc.pools["all"]}
+    else:
+        raise ImgclsError(f"{data} has no test split to evaluate (expected test/ or a plain folder of classes)")
+    disc = Discovery(disc.kind, disc.root, pools_used, disc.ignored_by_extension)
+    pools = _decode_all(disc, img_size, max_bad=1.0)
+    name, dec = next(iter(pools.items()))
+    index = {c: i for i, c in enumerate(classes)}
+    unseen = sorted({n for n in dec.labels if n not in index and n not in allow_unknown})
+    if unseen:
+        raise ImgclsError(
+            f"class(es) {', '.join(unseen)} in {data} are unknown to the model, which knows {', '.join(classes)}"
+        )
+    known = np.asarray([i for i, n in enumerate(dec.labels) if n in index], dtype=np.int64)
+    split = _tensor_split(name, dec, known, [index[dec.labels[i]] for i in known])
+    extra = None
+    allowed = list(allow_unknown)
+    other = np.asarray([i for i, n in enumerate(dec.labels) if n not in index], dtype=np.int64)
+    if len(other):
+        extra = _tensor_split("excluded", dec, other, [allowed.index(dec.labels[i]) for i in other])
+    report = build_report(disc, pools, {"eval": (name, np.arange(len(dec.paths)))}, classes=classes, excluded=allowed, size=img_size)
+    return split, extra, report
+
+
+def build_report(
+    disc: Discovery,
+    pools: dict[str, DecodedPool],
+    assignment: dict[str, tuple[str, np.ndarray]],
+    *,
+    classes: list[str],
+    excluded: list[str],
+    size: int,
+) -> dict:
+    """The ``data_report.json`` content: counts, skips, modes, sizes, ignored files, duplicates."""
+    counts: dict[str, dict[str, int]] = {}
+    where: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # hash -> [(split, path, label)]
+    for split, (pool_name, rows) in assignment.items():
+        dec = pools[pool_name]
+        counts[split] = dict(sorted(Counter(dec.labels[i] for i in rows).items()))
+        for i in rows:
+            where[dec.hashes[i]].append((split, dec.paths[i], dec.labels[i]))
+    duplicates = []
+    conflicts = []
+    for h, hits in where.items():
+        if len(hits) < 2:
+            continue
+        if len({s for s, _, _ in hits}) > 1:
+            duplicates.append({"hash": h, "files": [{"split": s, "path": p, "label": lab} for s, p, lab in hits]})
+        if len({lab for _, _, lab in hits}) > 1:
+            conflicts.append({"hash": h, "files": [{"split": s, "path": p, "label": lab} for s, p, lab in hits]})
+    modes: Counter = Counter()
+    sizes: Counter = Counter()
+    skipped = []
+    for dec in pools.values():
+        modes.update(dec.modes)
+        sizes.update(dec.sizes)
+        skipped.extend(dec.skipped)
+    return {
+        "source": {"kind": disc.kind, "root": disc.root},
+        "img_size": size,
+        "classes": classes,
+        "excluded_classes": excluded,
+        "counts": counts,
+        "skipped": skipped,
+        "modes": dict(modes),
+        "sizes": dict(sizes.most_common(10)),
+        "ignored_by_extension": disc.ignored_by_extension,
+        "duplicates": duplicates,
+        "conflicting_labels": conflicts,
+    }
+
+
+def summarize_report(report: dict) -> list[str]:
+    """A few lines for the terminal."""
+    lines = []
+    counts = report["counts"]
+    lines.append(
+        "data: "
+        + ", ".join(f"{split} {sum(c.values()):,}" for split, c in counts.items())
+        + f" images, {len(report['classes'])} classes, {report['img_size']}px"
+    )
+    if report["excluded_classes"]:
+        lines.append(f"  left out: {', '.join(report['excluded_classes'])}")
+    if report["skipped"]:
+        reasons = Counter(s["reason"].split(":")[0] for s in report["skipped"])
+        lines.append(
+            f"  skipped {len(report['skipped'])} unusable file(s): "
+            + ", ".join(f"{n} {r}" for r, n in reasons.most_common(4))
+        )
+    if report["ignored_by_extension"]:
+        n = sum(report["ignored_by_extension"].values())
+        lines.append(f"  ignored {n} non-image file(s) by extension: " + ", ".join(sorted(report["ignored_by_extension"])))
+    odd = {m: n for m, n in report["modes"].items() if m != "RGB"}
+    if odd:
+        lines.append("  converted to RGB: " + ", ".join(f"{n} {m}" for m, n in sorted(odd.items())))
+    if report["duplicates"]:
+        lines.append(f"  warning: {len(report['duplicates'])} image(s) appear in more than one split (see data_report.json)")
+    if report["conflicting_labels"]:
+        lines.append(f"  warning: {len(report['conflicting_labels'])} identical image(s) carry different labels")
+    return lines
