@@ -1,0 +1,242 @@
+"""Command line: parse, build the typed config, call one function, turn errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+
+import sys
+import typing
+from pathlib import Path
+
+from imgcls import __version__
+from imgcls import config as config_mod
+from imgcls.errors import ImgclsError
+
+HELP = {
+    "data": "a folder (train/ and test/ splits, or class folders), a CSV of path,label[,split], or fashion-mnist",
+    "img_size": "square input size in pixels (0 = the data's most common size, at most 224)",
+    "exclude_classes": "comma-separated class names to leave out of training and evaluation",
+    "model": "any timm model name (resnet18, resnet50, efficientnet_lite0, ...)",
+    "pretrained": "start from ImageNet weights (efficientnet_lite0: shipped in a package, no network needed)",
+    "weights": "a local weights file (.safetensors, or a tensors-only .pth)",
+    "norm": "default, or none to remove every normalisation layer",
+    "freeze": "keep the first N feature stages (stem = 1) frozen",
+    "augment": "none | flip | flip-rotate (seed's default) | rrc | randaugment | strong",
+    "ema": "EMA decay of the weights (e.g. 0.998); 0 = off",
+    "tta": "flip test-time augmentation in evaluation",
+    "patience": "early stopping after N epochs without a better val accuracy (0 = off)",
+    "recipe": "none | fast-finetune (sets defaults; explicit flags win)",
+    "precision": "auto | fp32 | bf16 | fp16 (auto measures-by-model rules: see README)",
+    "channels_last": "auto | on | off",
+    "device": "auto | cpu | cuda | cuda:N",
+    "split_seed": "seed of the train/val/test carving (kept fixed across training seeds)",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, named like the field; default None so only explicit flags count."""
+    hints = typing.get_type_hints(config_mod.TrainConfig)
+    for name in config_mod.field_names():
+        if name == "data":
+            continue
+        flag = "--" + name.replace("_", "-")
+        tp = hints[name]
+        h = HELP.get(name)
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif typing.get_origin(tp) is tuple:
+            p.add_argument(flag, default=None, metavar="A,B", help=h)
+        else:
+            p.add_argument(flag, default=None, metavar=name.upper(), help=h)
+
+
+def _explicit_flags(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k in config_mod.field_names() and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate, explain and study image classifiers.")
+    parser.add_argument("--version", action="version", version=f"imgcls {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a classifier on DATA, then evaluate it on the test split")
+    t.add_argument("data", nargs="?", help=HELP["data"])
+    t.add_argument("--out", type=Path, default=None, help="run folder (default runs/<data>-<model>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--config", type=Path, default=None, help="YAML/JSON file of config keys")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    _add_config_flags(t)
+
+    e = sub.add_parser("eval", help="evaluate a run on its test split or on DATA")
+    e.add_argument("run", type=Path)
+    e.add_argument("data", nargs="?", default=None)
+    e.add_argument("--out", type=Path, default=None, help="folder for metrics.json and plots (default RUN/eval)")
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--device", default="auto")
+
+    pr = sub.add_parser("predict", help="top-k labels for images, folders or globs")
+    pr.add_argument("run", type=Path)
+    pr.add_argument("paths", nargs="+")
+    pr.add_argument("--out", type=Path, default=None, help="a .csv or .json file (default: print)")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--device", default="auto")
+
+    d = sub.add_parser("demo", help="train and evaluate a small model on Fashion-MNIST (a few minutes on a laptop)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--epochs", type=int, default=None)
+
+    _add_later_commands(sub)
+    return parser
+
+
+def _add_later_commands(sub) -> None:
+    """Subcommands that live in their own modules register here."""
+    for module in ("imgcls.explain.cli", "imgcls.study.cli"):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.add_parser(sub)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    from imgcls import progress
+
+    if not summary:
+        return
+    lines = [""]
+    if "test_accuracy" in summary:
+        lines.append(
+            f"test accuracy {summary['test_accuracy']:.2%}  macro-F1 {summary['test_macro_f1']:.3f}  "
+            f"ECE {summary['test_ece']:.3f}  (best val {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']})"
+        )
+    lines.append(f"trained {summary['epochs_run']} epoch(s) at {summary['train_img_per_s']:,.0f} img/s; wall {summary['wall_s']:.0f}s")
+    lines.append(f"run folder: {run_dir}")
+    lines.append("  config.json, data_report.json, metrics.csv, curves.png, checkpoints/best.safetensors")
+    if (run_dir / "eval").is_dir():
+        lines.append("  eval/metrics.json, eval/predictions.csv, eval/confusion_matrix*.png, eval/misclassified.png")
+    for line in lines:
+        progress.say(line)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgcls.runs import train_and_evaluate
+
+    if args.resume:
+        if args.out is None:
+            raise ImgclsError("--resume needs --out RUN (the run folder to continue)")
+        stored = config_mod.load(args.out / "config.json")
+        changes = _explicit_flags(args)
+        allowed = {"epochs", "device", "patience"}
+        bad = sorted(set(changes) - allowed)
+        if bad:
+            raise ImgclsError(f"--resume continues the stored config; only {', '.join(sorted(allowed))} may change (got {', '.join(bad)})")
+        cfg = stored.replace(**changes)
+        run_dir = args.out
+    else:
+        flags = _explicit_flags(args)
+        if args.data is not None:
+            flags["data"] = args.data
+        cfg = config_mod.resolve(flags=flags, file=args.config, sets=args.set)
+        if not cfg.data:
+            raise ImgclsError("no data: give DATA (a folder, a CSV or fashion-mnist), or data: in --config")
+        run_dir = args.out or Path("runs") / f"{Path(cfg.data).name}-{cfg.model}"
+    summary = train_and_evaluate(cfg, run_dir=run_dir, resume=args.resume)
+    _print_summary(summary, run_dir)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from imgcls import progress
+    from imgcls.runs import eval_command
+
+    metrics = eval_command(args.run, args.data, args.out, tta=args.tta, device=args.device)
+    out = args.out or args.run / "eval"
+    progress.say(f"accuracy {metrics['accuracy']:.2%} on {metrics['n']:,} images  macro-F1 {metrics['macro_f1']:.3f}  ECE {metrics['ece']:.3f}"
+                 + (f"  top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""))
+    worst = sorted(metrics["per_class"].items(), key=lambda kv: kv[1]["f1"])[:3]
+    progress.say("weakest classes: " + ", ".join(f"{k} F1 {v['f1']:.2f}" for k, v in worst))
+    if metrics["most_confused"]:
+        p = metrics["most_confused"][0]
+        progress.say(f"most confused: {p['true']} -> {p['predicted']} ({p['count']} images)")
+    progress.say(f"files: {out}/metrics.json, predictions.csv, confusion_matrix*.png, misclassified.png, reliability.png")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgcls import progress
+    from imgcls.runs import predict_command
+
+    rows, skipped = predict_command(args.run, args.paths, args.out, topk=args.topk, device=args.device)
+    if args.out is None:
+        for r in rows:
+            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}")
+    else:
+        progress.say(f"{len(rows)} prediction(s) written to {args.out}")
+    for s in skipped:
+        progress.say(f"skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+DEMO = {
+    "data": "fashion-mnist",
+    "model": "resnet18",
+    "img_size": 28,
+    "epochs": 4,
+    "batch_size": 128,
+    "optimizer": "adamw",
+    "lr": 2e-3,
+    "weight_decay": 0.05,
+    "augment": "flip",
+    "label_smoothing": 0.1,
+}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imgcls import progress
+    from imgcls.runs import train_and_evaluate
+
+    settings = dict(DEMO)
+    if args.epochs is not None:
+        settings["epochs"] = args.epochs
+    cfg = config_mod.from_dict(settings)
+    if (args.out / "checkpoints" / "last.safetensors").exists():
+        raise ImgclsError(f"{args.out} already holds a run: remove it or pass --out DIR")
+    progress.say(f"demo: {cfg.model} on Fashion-MNIST at {cfg.img_size}px for {cfg.epochs} epochs")
+    summary = train_and_evaluate(cfg, run_dir=args.out)
+    _print_summary(summary, args.out)
+    progress.say(f"next: imgcls eval {args.out}   |   imgcls predict {args.out} IMAGE...")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+    handler = handlers.get(args.command) or getattr(args, "handler", None)
+    from imgcls.engine.train import Interrupted
+
+    try:
+        return handler(args)
+    except ImgclsError as e:
+        print(f"imgcls: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"imgcls: {e}; a resumable checkpoint was saved (continue with: imgcls train --resume --out RUN)", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("imgcls: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("imgcls: error: out of memory; try a smaller --batch-size or --img-size", file=sys.stderr)
+        return 3
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            print("imgcls: error: the device ran out of memory; try a smaller --batch-size or --img-size", file=sys.stderr)
+            return 3
+        raise
+
+
+

@@ -1,0 +1,114 @@
+"""Loading a trained run for evaluation, prediction and explanation (safetensors + JSON only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgcls import config as config_mod
+from imgcls.config import TrainConfig
+from imgcls.data.images import BadImage, is_image_name, load_rgb, resize_rgb
+from imgcls.engine import checkpoint as ckpt
+from imgcls.engine import runtime as rt_mod
+from imgcls.errors import ImgclsError
+from imgcls.models import build_model
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: TrainConfig
+    model: nn.Module
+    classes: list[str]
+    excluded_classes: list[str]
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    precision: str
+
+
+def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> LoadedRun:
+    """The run's model (best checkpoint by default) in eval mode, on ``device``."""
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise ImgclsError(f"run folder not found: {run_dir}")
+    path = run_dir / "checkpoints" / f"{which}.safetensors"
+    if not path.is_file() and which == "best":
+        path = run_dir / "checkpoints" / "last.safetensors"
+    tensors, meta = ckpt.load(path)
+    cfg = config_mod.from_dict(meta["config"], where=str(path))
+    classes = list(meta["classes"])
+    # weights come from the checkpoint; never re-download or re-read the pretrained source
+    model = build_model(
+        cfg.model, num_classes=len(classes), dropout=cfg.dropout, drop_path=cfg.drop_path, norm=cfg.norm
+    )
+    state = ckpt.unprefixed("model", tensors)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ImgclsError(f"{path} does not fit model {cfg.model}: {str(e).splitlines()[0]}") from None
+    rt = rt_mod.setup(device)
+    precision = rt_mod.choose_precision(cfg.precision, model, rt.device, int(meta["img_size"]))
+    model = model.to(rt.device).eval()
+    if meta.get("channels_last", True):
+        model = model.to(memory_format=torch.channels_last)
+    return LoadedRun(
+        run_dir=run_dir,
+        config=cfg,
+        model=model,
+        classes=classes,
+        excluded_classes=list(meta.get("excluded_classes", [])),
+        img_size=int(meta["img_size"]),
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
+        device=rt.device,
+        precision=precision,
+    )
+
+
+def expand_paths(inputs: list[str]) -> list[Path]:
+    """Images, folders (recursively, hidden entries skipped) and globs -> sorted unique image paths."""
+    import glob
+
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out.extend(
+                q for q in sorted(p.rglob("*"))
+                if q.is_file() and is_image_name(q) and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
+        elif p.is_file():
+            out.append(p)
+        else:
+            hits = sorted(glob.glob(item, recursive=True))
+            if not hits:
+                raise ImgclsError(f"no such file, folder or glob match: {item}")
+            out.extend(Path(h) for h in hits if Path(h).is_file() and is_image_name(h))
+    seen, unique = set(), []
+    for p in out:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    return unique
+
+
+def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[Path], list[dict]]:
+    """Decode with the one loader; returns ``N x S x S x 3`` uint8, the usable paths, and skips with reasons."""
+    arrays, ok, skipped = [], [], []
+    for p in paths:
+        try:
+            arr, _mode = load_rgb(p)
+        except BadImage as e:
+            skipped.append({"path": str(p), "reason": e.reason})
+            continue
+        arrays.append(resize_rgb(arr, size))
+        ok.append(p)
+    if not arrays:
+        return torch.empty((0, size, size, 3), dtype=torch.uint8), ok, skipped
+    return torch.from_numpy(np.stack(arrays)), ok, skipped

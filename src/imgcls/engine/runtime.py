@@ -1,0 +1,124 @@
+"""Where and how a run computes: device, precision/layout per model, seeding, torch.distributed.
+
+Launched under ``torchrun``, the same entry point runs one process per device: ``WORLD_SIZE``/``RANK``/
+``LOCAL_RANK`` come from the environment, the process group uses NCCL on GPUs and gloo on CPUs, and only
+rank 0 writes files. torch.distributed has no authentication: keep the rendezvous on loopback or a
+private interface (torchrun's ``--rdzv-endpoint``/``--master-addr``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from imgcls.errors import ImgclsError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str = "auto") -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ImgclsError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ImgclsError("device cuda requested but no CUDA GPU is available")
+            if dev.index is None:
+                dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(device=dev, rank=rank, world=world, local_rank=local_rank)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """One seed drives Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def has_depthwise(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def choose_precision(requested: str, model: nn.Module, device: torch.device, img_size: int = 224) -> str:
+    """``auto``: bf16 on CUDA; on CPU bf16 where the CPU has native bf16, the model has no depthwise
+    convolutions and images are not tiny. Measured on the 2-core AMX CPU (bench/, PERFORMANCE.md):
+    ResNet-50@150 bf16 is 2.3x fp32 with channels_last and ResNet-18@56 1.65x, while EfficientNet-Lite0's
+    depthwise backward is slower in bf16 (38 img/s) than fp32 (47 img/s) and ResNet-18@28 is faster in fp32
+    (718 vs 647 img/s): at 28 px per-op overhead, not matmul speed, decides."""
+    if requested != "auto":
+        if requested == "fp16" and device.type != "cuda":
+            raise ImgclsError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() and not has_depthwise(model) and img_size >= 48 else "fp32"
+
+
+def choose_channels_last(requested: str) -> bool:
+    """channels_last helped every CNN measured here (1.2-1.6x on this CPU, standard on GPUs)."""
+    return requested != "off"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def all_reduce_sum(rt: Runtime, t: torch.Tensor) -> torch.Tensor:
+    if rt.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

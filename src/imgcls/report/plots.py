@@ -1,0 +1,92 @@
+"""Plots a person would rather look at than read: confusion matrices, curves, mistakes, calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, *, normalize: bool, title: str = "") -> Path:
+    m = np.asarray(cm, dtype=float)
+    if normalize:
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(classes)
+    size = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix (counts)"))
+    if n <= 20:
+        hi = m.max() if m.size else 1
+        for i in range(n):
+            for j in range(n):
+                txt = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="white" if m[i, j] > hi * 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def training_curves(history: list[dict], path: Path, *, title: str = "") -> Path:
+    epochs = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    a1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss")
+    a1.legend()
+    a2.plot(epochs, [100 * h["train_acc"] for h in history], "o-", label="train")
+    a2.plot(epochs, [100 * h["val_acc"] for h in history], "o-", label="val")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("accuracy (%)")
+    a2.legend()
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def image_grid(images: list[np.ndarray], titles: list[str], path: Path, *, cols: int = 6, suptitle: str = "") -> Path:
+    n = max(len(images), 1)
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t in zip(axes.flat, images, titles):
+        ax.imshow(img)
+        ax.set_title(t, fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return _save(fig, path)
+
+
+def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    if bins:
+        centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="k", label="accuracy")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C3", label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {ece:.3f})")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)

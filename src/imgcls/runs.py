@@ -1,0 +1,194 @@
+"""What the train, eval and predict commands do, end to end, writing the run folder's files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from imgcls import progress
+from imgcls.config import TrainConfig
+from imgcls.data import Split, prepare_eval
+from imgcls.engine import checkpoint as ckpt
+from imgcls.engine.evaluate import (
+    classification_metrics,
+    most_confused,
+    open_set_analysis,
+    predict_logits,
+    reliability_bins,
+)
+from imgcls.engine.inference import LoadedRun, expand_paths, load_images, load_run
+from imgcls.engine.train import train
+from imgcls.errors import ImgclsError
+from imgcls.report import plots
+
+
+def _write_json(path: Path, obj) -> None:
+    ckpt.atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _logits(run: LoadedRun, images: torch.Tensor, *, tta: bool, what: str) -> torch.Tensor:
+    with progress.task(f"predicting {what}", len(images)) as bar:
+        return predict_logits(
+            run.model, images, mean=run.mean, std=run.std, device=run.device, precision=run.precision,
+            tta=tta, on_batch=bar.advance,
+        )
+
+
+def evaluate_split(run: LoadedRun, split: Split, out_dir: Path, *, excluded: Split | None = None, tta: bool = False) -> dict:
+    """Metrics, predictions and plots for ``split`` written to ``out_dir``; returns the metrics dict."""
+    if len(split) == 0:
+        raise ImgclsError("nothing to evaluate: the split holds no usable image of a known class")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logits = _logits(run, split.images, tta=tta, what=f"{len(split)} images")
+    metrics = classification_metrics(logits, split.labels, run.classes)
+    metrics["most_confused"] = most_confused(metrics["confusion_matrix"], run.classes)
+    metrics["reliability"] = reliability_bins(logits, split.labels)
+    metrics["tta"] = tta
+    ex_logits = None
+    if excluded is not None and len(excluded):
+        ex_logits = _logits(run, excluded.images, tta=tta, what="left-out classes")
+        metrics["excluded"] = open_set_analysis(
+            logits, ex_logits, excluded.labels, classes=run.classes, excluded_classes=run.excluded_classes
+        )
+    _write_json(out_dir / "metrics.json", metrics)
+    _write_predictions(out_dir / "predictions.csv", split, logits, run.classes, true_names=run.classes)
+    if ex_logits is not None:
+        _write_predictions(out_dir / "predictions_excluded.csv", excluded, ex_logits, run.classes, true_names=run.excluded_classes)
+    plots.confusion_matrix(metrics["confusion_matrix"], run.classes, out_dir / "confusion_matrix.png", normalize=False)
+    plots.confusion_matrix(metrics["confusion_matrix"], run.classes, out_dir / "confusion_matrix_normalized.png", normalize=True)
+    plots.reliability_diagram(metrics["reliability"], metrics["ece"], out_dir / "reliability.png")
+    _misclassified_grid(split, logits, run.classes, out_dir / "misclassified.png")
+    return metrics
+
+
+def _write_predictions(path: Path, split: Split, logits: torch.Tensor, classes: list[str], *, true_names: list[str]) -> None:
+    probs = logits.softmax(1)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "true", "predicted", "confidence", *[f"p_{c}" for c in classes]])
+    for path_i, y, p in zip(split.paths, split.labels.tolist(), probs.tolist()):
+        j = max(range(len(p)), key=p.__getitem__)
+        w.writerow([path_i, true_names[y], classes[j], f"{p[j]:.5f}", *[f"{v:.5f}" for v in p]])
+    ckpt.atomic_write_text(path, buf.getvalue())
+
+
+def _misclassified_grid(split: Split, logits: torch.Tensor, classes: list[str], path: Path, k: int = 24) -> None:
+    """The most confident mistakes first (fastai's top losses)."""
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    wrong = (pred != split.labels).nonzero().flatten()
+    order = wrong[conf[wrong].argsort(descending=True)][:k].tolist()
+    images = [split.images[i].numpy() for i in order]
+    titles = [f"true {classes[split.labels[i]]}\npred {classes[pred[i]]} {conf[i]:.0%}" for i in order]
+    if not images:
+        titles, images = ["no mistakes"], [split.images[0].numpy()]
+    plots.image_grid(images, titles, path, suptitle="most confident mistakes")
+
+
+def train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool = False) -> dict:
+    """``imgcls train``: train, then evaluate the best checkpoint on the test split; returns the summary."""
+    t0 = time.perf_counter()
+    result, data = train(cfg, run_dir=run_dir, resume=resume)
+    if not progress.enabled():  # under torchrun only rank 0 goes on to write the evaluation
+        return {}
+    plots.training_curves(result.history, run_dir / "curves.png", title=run_dir.name)
+    summary = {
+        "run": str(run_dir),
+        "model": result.config.model,
+        "classes": result.classes,
+        "excluded_classes": data.excluded_classes,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "train_img_per_s": result.train_img_per_s,
+        "train_wall_s": result.wall_s,
+    }
+    if data.test is not None:
+        loaded = load_run(run_dir, device=cfg.device)
+        metrics = evaluate_split(loaded, data.test, run_dir / "eval", excluded=data.excluded_test, tta=cfg.tta)
+        summary["test_accuracy"] = metrics["accuracy"]
+        summary["test_macro_f1"] = metrics["macro_f1"]
+        summary["test_ece"] = metrics["ece"]
+        if "excluded" in metrics:
+            summary["excluded_auroc"] = metrics["excluded"]["auroc_max_softmax"]
+    summary["wall_s"] = time.perf_counter() - t0
+    _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def eval_command(run_dir: Path, data: str | None, out_dir: Path | None, *, tta: bool | None = None, device: str = "auto") -> dict:
+    """``imgcls eval``: by default the run's own test split; DATA maps labels onto the run's classes by name."""
+    loaded = load_run(run_dir, device=device)
+    source = data or loaded.config.data
+    if data is None:
+        # the run's own split: the same data, fractions and seed reproduce the same test rows
+        from imgcls.data import prepare
+
+        prepared = prepare(loaded.config)
+        if prepared.classes != loaded.classes:
+            raise ImgclsError(f"the data at {source} now gives classes {prepared.classes}, the run knows {loaded.classes}")
+        if prepared.test is None:
+            raise ImgclsError(f"{source} has no test split; pass DATA to evaluate")
+        split, excluded = prepared.test, prepared.excluded_test
+    else:
+        split, excluded, _report = prepare_eval(
+            source, classes=loaded.classes, img_size=loaded.img_size, allow_unknown=loaded.excluded_classes
+        )
+    out = out_dir or (run_dir / "eval")
+    return evaluate_split(loaded, split, out, excluded=excluded, tta=loaded.config.tta if tta is None else tta)
+
+
+def predict_command(run_dir: Path, inputs: list[str], out: Path | None, *, topk: int = 5, device: str = "auto") -> tuple[list[dict], list[dict]]:
+    """``imgcls predict``: top-k labels per image, to CSV or JSON (by the output's extension)."""
+    loaded = load_run(run_dir, device=device)
+    paths = expand_paths(inputs)
+    if not paths:
+        raise ImgclsError("no image files found in the given paths")
+    k = min(topk, len(loaded.classes))
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    chunk = 256  # bounded memory for large folders
+    with progress.task("predicting", len(paths)) as bar:
+        for start in range(0, len(paths), chunk):
+            images, ok, bad = load_images(paths[start : start + chunk], loaded.img_size)
+            skipped.extend(bad)
+            if len(ok):
+                logits = predict_logits(
+                    loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device,
+                    precision=loaded.precision, tta=loaded.config.tta,
+                )
+                top = logits.softmax(1).topk(k, dim=1)
+                for p, vals, idx in zip(ok, top.values.tolist(), top.indices.tolist()):
+                    rows.append({
+                        "path": str(p),
+                        "label": loaded.classes[idx[0]],
+                        "confidence": vals[0],
+                        "topk": [{"label": loaded.classes[i], "prob": v} for i, v in zip(idx, vals)],
+                    })
+            bar.advance(len(paths[start : start + chunk]))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".json":
+            _write_json(out, {"predictions": rows, "skipped": skipped})
+        else:
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            header = ["path"]
+            for i in range(1, k + 1):
+                header += [f"label_{i}", f"prob_{i}"]
+            w.writerow(header + ["error"])
+            for r in rows:
+                line = [r["path"]]
+                for t in r["topk"]:
+                    line += [t["label"], f"{t['prob']:.5f}"]
+                w.writerow(line + [""])
+            for s in skipped:
+                w.writerow([s["path"]] + [""] * (2 * k) + [s["reason"]])
+            ckpt.atomic_write_text(out, buf.getvalue())
+    return rows, skipped
