@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool = False)
     """``imgcls train``: train, then evaluate the best checkpoint on the test split; returns the summary."""
     t0 = time.perf_counter()
     result, data = train(cfg, run_dir=run_dir, resume=resume)
-    if not progress.enabled():  # under torchrun only rank 0 goes on to write the evaluation
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 evaluates; IMGCLS_QUIET must not skip it
         return {}
     plots.training_curves(result.history, run_dir / "curves.png", title=run_dir.name)
     summary = {
