@@ -1,0 +1,27 @@
+"""``imgcls study``: registered by ``imgcls.cli`` when this module exists."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "study", help="run an ablation study (arms x seeds) from a YAML spec and compare the arms",
+        description="Every arm x seed is an ordinary run folder OUT/runs/<arm>/seed<k>. Rerunning skips finished runs "
+                    "and continues unfinished ones; results: OUT/summary.md, summary.csv, results.csv and plots.",
+    )
+    p.add_argument("spec", type=Path, help="study spec (YAML): name, data, base, seeds, arms[, baseline]")
+    p.add_argument("--out", type=Path, default=None, help="study folder (default runs/study-<spec name>)")
+    p.add_argument("--rerun-stale", action="store_true", help="move runs whose config no longer matches the spec to OUT/stale/ and redo them")
+    p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs again")
+    p.set_defaults(handler=cmd_study)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from imgcls.study.core import timed_study
+
+    out = args.out or Path("runs") / f"study-{args.spec.stem}"
+    timed_study(args.spec, out, rerun_stale=args.rerun_stale, report_only=args.report_only)
+    return 0

@@ -1,0 +1,77 @@
+"""Grad-CAM of the same fixed test images through every arm (seed 0 of each): one row per arm.
+
+The images are chosen once (seeded, a few per class of the baseline's test split) and kept in
+``panel_images.json`` so that later reruns and added arms show the very same images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from imgcls.engine import checkpoint as ckpt
+from imgcls.study.analysis import RunResult
+from imgcls.study.spec import Study
+
+PANEL_SEED = 0
+
+
+def choose_images(base: RunResult, per_class: int, *, seed: int = PANEL_SEED) -> list[dict]:
+    """``per_class`` test images of each class from the baseline's predictions, by a seeded draw."""
+    with (base.path / "eval" / "predictions.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    by_class: dict[str, list[str]] = {}
+    for r in rows:
+        by_class.setdefault(r["true"], []).append(r["path"])
+    rng = random.Random(seed)
+    chosen = []
+    for cls in sorted(by_class):
+        paths = sorted(by_class[cls])
+        for p in rng.sample(paths, min(per_class, len(paths))):
+            chosen.append({"path": p, "class": cls})
+    return chosen
+
+
+def _fixed_images(study: Study, out: Path, base: RunResult) -> list[dict]:
+    path = out / "panel_images.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["images"]
+    images = choose_images(base, study.panel_per_class)
+    ckpt.atomic_write_text(path, json.dumps({"seed": PANEL_SEED, "per_class": study.panel_per_class, "images": images}, indent=2) + "\n")
+    return images
+
+
+def gradcam_panel(study: Study, out: Path, by_arm: dict[str, list[RunResult]]) -> tuple[Path | None, str]:
+    """Render ``gradcam_panel.png``; returns its path (or None) and a one-line note when skipped."""
+    if study.panel_per_class == 0:
+        return None, "Grad-CAM panel: off (panel_per_class: 0)."
+    try:
+        from imgcls.explain import explain_run, panel  # written in parallel; optional
+    except (ImportError, AttributeError):
+        return None, "Grad-CAM panel skipped: imgcls.explain (explain_run, panel) is not available."
+    runs = {arm: next((r for r in rs if r.seed == study.seeds[0]), None) for arm, rs in by_arm.items()}
+    runs = {arm: r for arm, r in runs.items() if r is not None}
+    base = runs.get(study.baseline)
+    if base is None:
+        return None, f"Grad-CAM panel skipped: no seed {study.seeds[0]} run of the baseline."
+    target = out / "gradcam_panel.png"
+    chosen = _fixed_images(study, out, base)
+    inputs = [out / "panel_images.json"] + [r.path / "summary.json" for r in runs.values()]
+    if target.is_file() and all(target.stat().st_mtime >= p.stat().st_mtime for p in inputs):
+        return target, ""  # nothing changed since it was drawn
+    from imgcls.engine.inference import load_images
+
+    images, ok, _bad = load_images([Path(c["path"]) for c in chosen], int(json.loads((base.path / "config.json").read_text(encoding="utf-8"))["img_size"]))
+    kept = {str(p) for p in ok}
+    labels = [c["class"] for c in chosen if c["path"] in kept]
+    if not labels:
+        return None, "Grad-CAM panel skipped: the chosen test images can no longer be read."
+    rows = {}
+    for arm, r in runs.items():
+        records = explain_run(r.path, images, labels, method="gradcam")
+        rows[f"{arm}\n(seed {r.seed})"] = [rec["overlay"] for rec in records]
+    titles = [f"{c}" for c in labels]
+    panel(rows, titles, target, suptitle="Grad-CAM of the same test images (title: true class)")
+    return target, ""
