@@ -227,6 +227,8 @@ def stratified_split(
         start = 0
         for split, frac in fractions.items():
             n = int(round(frac * len(idx)))
+            if frac > 0 and n == 0 and len(idx) - start >= 3:
+                n = 1  # tiny classes still get a validation/test image
             n = min(n, max(len(idx) - start - 1, 0))
             out[split].extend(idx[start : start + n].tolist())
             start += n

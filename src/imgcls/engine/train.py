@@ -31,11 +31,12 @@ from imgcls import progress
 from imgcls.config import TrainConfig
 from imgcls.data import BatchAugment, PreparedData, prepare, summarize_report
 from imgcls.engine import checkpoint as ckpt
+from imgcls.engine import features as feat_mod
 from imgcls.engine import runtime as rt_mod
 from imgcls.engine.evaluate import predict_logits
 from imgcls.engine.runtime import Runtime
 from imgcls.errors import ImgclsError
-from imgcls.models import build_model, data_stats, freeze_stages
+from imgcls.models import build_model, check_model_name, data_stats, freeze_stages
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "epoch_s", "elapsed_s"]
 
@@ -166,6 +167,10 @@ class Trainer:
         self.ema = timm.utils.ModelEmaV3(model, decay=cfg.ema) if cfg.ema > 0 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.augment = BatchAugment(cfg.augment, mean=self.mean, std=self.std)
+        # Frozen stages + flip/none augmentation: their output is computed once (engine/features.py).
+        # Not under DDP: the cached path calls the model's parts directly, around DDP's hooks.
+        self.split = feat_mod.split_forward(model, cfg.freeze) if cfg.augment in feat_mod.AUGMENTS and not rt.distributed else None
+        self.features: feat_mod.FrozenFeatureCache | None = None
         self.aug_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000 + rt.rank)
         # On a GPU the decoded training set lives on the device; on a CPU it is already there.
         self.train_images = data.train.images.to(rt.device)
@@ -271,9 +276,13 @@ class Trainer:
             stage.eval()
 
     def _forward_backward(self, idx: torch.Tensor, *, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.augment(self.train_images[idx], self.aug_gen)
+        if self.features is not None:
+            x = self.features.batch(idx, self.aug_gen)
+            net = self.split[1]
+        else:
+            x = self.augment(self.train_images[idx], self.aug_gen)
+            net = self.ddp or self.model
         y = self.train_labels[idx]
-        net = self.ddp or self.model
         ctx = net.no_sync() if (self.ddp is not None and not sync) else _null()
         with ctx:
             with rt_mod.autocast(self.rt.device, self.precision):
@@ -298,12 +307,34 @@ class Trainer:
             self.ema.update(self.model, step=self.global_step)
 
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss_sum) else 1.0, device=self.rt.device)
+        # computed on the device: one host sync (the .item() below), not two
+        bad = (~torch.isfinite(loss_sum)).float().reshape(())
         rt_mod.all_reduce_sum(self.rt, bad)  # under DDP all ranks agree before anyone saves
         if bad.item() > 0:
             raise ImgclsError(
                 f"the loss became NaN/inf in epoch {self.epoch + 1} (step {self.global_step}); stopped before saving, "
                 "so the last good checkpoint is intact. Try a lower --lr, --grad-clip 1.0 or --precision fp32."
+            )
+
+    def _build_features(self) -> None:
+        """Run the frozen stages once over the training set (and its mirror images) when that applies."""
+        if self.split is None or self.features is not None:
+            return
+        frozen = self.split[0]
+        mean = torch.tensor(self.mean, device=self.rt.device)
+        std = torch.tensor(self.std, device=self.rt.device)
+        flip = self.cfg.augment == "flip"
+        self._train_mode()
+        size = feat_mod.estimate_bytes(frozen, self.train_images, mean=mean, std=std, flip=flip, precision=self.precision)
+        if size > feat_mod.MAX_BYTES:
+            progress.say(f"frozen-stage features would take {size / 2**30:.1f} GiB; running the frozen stages every step")
+            self.split = None
+            return
+        views = 2 if flip else 1
+        with progress.task("frozen-stage features", views * len(self.train_images)) as bar:
+            self.features = feat_mod.FrozenFeatureCache.build(
+                frozen, self.train_images, mean=mean, std=std, flip=flip, precision=self.precision,
+                channels_last=self.channels_last, batch_size=max(self.cfg.batch_size, 128), on_batch=bar.advance,
             )
 
     # -- epochs ----------------------------------------------------------------------------------
@@ -389,6 +420,7 @@ class Trainer:
                 progress.say(f"resumed {run_dir} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
         stopped_early = False
         t0 = time.perf_counter()
+        self._build_features()
         with stop_on_signals() as flag:
             while self.epoch < cfg.epochs:
                 stats = self.train_epoch(flag)
@@ -474,6 +506,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False) -> tuple[Tra
                 raise ImgclsError(f"nothing to resume in {run_dir}: no checkpoints/last.safetensors")
         elif (run_dir / "checkpoints" / "last.safetensors").exists():
             raise ImgclsError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+        check_model_name(cfg.model)
         # rank 0 builds the decode cache first; the others then read it
         if rt.is_main:
             data = prepare(cfg)

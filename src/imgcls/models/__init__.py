@@ -2,6 +2,7 @@
 
 from imgcls.models.factory import (
     build_model,
+    check_model_name,
     count_norms,
     data_stats,
     freeze_stages,
@@ -10,4 +11,4 @@ from imgcls.models.factory import (
     remove_norms,
 )
 
-__all__ = ["build_model", "count_norms", "data_stats", "freeze_stages", "load_state_file", "load_weights", "remove_norms"]
+__all__ = ["build_model", "check_model_name", "count_norms", "data_stats", "freeze_stages", "load_state_file", "load_weights", "remove_norms"]

@@ -137,6 +137,13 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
+def check_model_name(name: str) -> None:
+    """Fail fast on a model timm does not know (before any data is decoded)."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+        raise ImgclsError(f"unknown model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+
+
 def build_model(
     name: str,
     *,
@@ -148,9 +155,7 @@ def build_model(
     norm: str = "default",
 ) -> nn.Module:
     """A timm model with a ``num_classes`` head and the requested knobs."""
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
-        raise ImgclsError(f"unknown model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    check_model_name(name)
     use_package = pretrained and name == "efficientnet_lite0"
     kwargs = {"num_classes": num_classes, "drop_rate": dropout}
     if drop_path:
