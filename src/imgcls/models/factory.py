@@ -131,8 +131,12 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     state = load_state_file(path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ImgclsError(f"no tensor in {path} matches the model (wrong architecture?)")
+    params = {k for k, _ in model.named_parameters()}
+    if len(params & set(usable)) < len(params) // 2:
+        raise ImgclsError(
+            f"no tensor in {path} fits most of the model: only {len(params & set(usable))} of {len(params)} "
+            "parameters match by name and shape (weights of another architecture?)"
+        )
     model.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
 
