@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from imgcls.engine import checkpoint as ckpt
+from imgcls.errors import ImgclsError
 from imgcls.study.analysis import RunResult
 from imgcls.study.spec import Study
 
@@ -58,20 +59,29 @@ def gradcam_panel(study: Study, out: Path, by_arm: dict[str, list[RunResult]]) -
         return None, f"Grad-CAM panel skipped: no seed {study.seeds[0]} run of the baseline."
     target = out / "gradcam_panel.png"
     chosen = _fixed_images(study, out, base)
-    inputs = [out / "panel_images.json"] + [r.path / "summary.json" for r in runs.values()]
-    if target.is_file() and all(target.stat().st_mtime >= p.stat().st_mtime for p in inputs):
-        return target, ""  # nothing changed since it was drawn
+    # what the picture shows; when none of it changed, a rerun does not redraw it
+    key = {"layer": study.panel_layer, "images": [c["path"] for c in chosen],
+           "runs": {arm: [str(r.path), (r.path / "summary.json").stat().st_mtime_ns] for arm, r in runs.items()}}
+    key_file = out / "gradcam_panel.json"
+    if target.is_file() and key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) == key:
+        return target, ""
     from imgcls.engine.inference import load_images
 
-    images, ok, _bad = load_images([Path(c["path"]) for c in chosen], int(json.loads((base.path / "config.json").read_text(encoding="utf-8"))["img_size"]))
+    size = int(json.loads((base.path / "config.json").read_text(encoding="utf-8"))["img_size"])  # resolved, never 0
+    images, ok, _bad = load_images([Path(c["path"]) for c in chosen], size)
     kept = {str(p) for p in ok}
     labels = [c["class"] for c in chosen if c["path"] in kept]
     if not labels:
         return None, "Grad-CAM panel skipped: the chosen test images can no longer be read."
     rows = {}
-    for arm, r in runs.items():
-        records = explain_run(r.path, images, labels, method="gradcam")
-        rows[f"{arm}\n(seed {r.seed})"] = [rec["overlay"] for rec in records]
-    titles = [f"{c}" for c in labels]
-    panel(rows, titles, target, suptitle="Grad-CAM of the same test images (title: true class)")
+    try:
+        for arm, r in runs.items():
+            records = explain_run(r.path, images, labels, method="gradcam", layer=study.panel_layer or None)
+            rows[f"{arm}\n(seed {r.seed})"] = [rec["overlay"] for rec in records]
+    except ImgclsError as e:  # a picture must not cost the study its tables
+        return None, f"Grad-CAM panel skipped: {e}"
+    titles = list(labels)
+    layer = study.panel_layer or "last feature map"
+    panel(rows, titles, target, suptitle=f"Grad-CAM ({layer}) of the same test images (column title: true class)")
+    ckpt.atomic_write_text(key_file, json.dumps(key, indent=2) + "\n")
     return target, ""

@@ -28,7 +28,7 @@ from imgcls import config as config_mod
 from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
 
-TOP_KEYS = ("name", "data", "base", "seeds", "arms", "baseline", "panel_per_class")
+TOP_KEYS = ("name", "data", "base", "seeds", "arms", "baseline", "panel_per_class", "panel_layer")
 # set by the study itself, never by base or an arm
 RESERVED = ("data", "seed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -44,6 +44,7 @@ class Study:
     arms: dict[str, dict[str, Any]]  # arm name -> its overrides of base, in spec order
     baseline: str
     panel_per_class: int = 2
+    panel_layer: str = ""  # Grad-CAM layer; "" = the explainer's default (the last feature map)
     spec_path: str = ""
 
     def config(self, arm: str, seed: int) -> TrainConfig:
@@ -64,6 +65,7 @@ class Study:
             "arms": self.arms,
             "baseline": self.baseline,
             "panel_per_class": self.panel_per_class,
+            "panel_layer": self.panel_layer,
             "configs": {arm: config_mod.to_dict(self.config(arm, self.seeds[0])) | {"seed": "per run"} for arm in self.arms},
         }
 
@@ -135,9 +137,12 @@ def parse_spec(raw: Any, *, spec_dir: Path, spec_path: str = "") -> Study:
     if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class < 0:
         raise ImgclsError(f"study spec: panel_per_class must be a non-negative integer, got {per_class!r}")
 
+    panel_layer = raw.get("panel_layer") or ""
+    if not isinstance(panel_layer, str):
+        raise ImgclsError(f"study spec: panel_layer must be a module name such as layer3, got {panel_layer!r}")
     study = Study(
         name=name, data=data, base=base, seeds=tuple(seeds_raw), arms=arms, baseline=baseline,
-        panel_per_class=per_class, spec_path=spec_path,
+        panel_per_class=per_class, panel_layer=panel_layer, spec_path=spec_path,
     )
     for arm in arms:  # type and range checks of every resolved config, before anything trains
         try:

@@ -1,0 +1,229 @@
+"""Studies: spec checks, resumable arm x seed runs, aggregation, statistics and the CLI.
+
+One small study (3 arms x 2 seeds, 32 px, one epoch) is trained once for the module; the other
+tests read it, copy its small files, or replace the training function so that nothing trains again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats as sps
+
+from conftest import make_split_root, run_cli
+from imgcls.errors import ImgclsError
+from imgcls.study import analysis, runner, spec, stats
+from imgcls.study.core import run_study
+
+BASE = {"model": "resnet18", "img_size": 32, "epochs": 1, "batch_size": 16, "precision": "fp32", "val_fraction": 0.25}
+ARMS = {"baseline": {}, "sgd": {"optimizer": "sgd", "lr": 0.01}, "no-fox": {"exclude_classes": ["fox"]}}
+
+
+def write_spec(path: Path, **changes) -> Path:
+    doc = {"name": "tiny", "data": "data", "base": BASE, "seeds": [0, 1], "arms": ARMS, "panel_per_class": 1, **changes}
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A finished study folder: (spec path, out folder, StudyResult)."""
+    root = tmp_path_factory.mktemp("study")
+    make_split_root(root / "data", train=12, test=5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGCLS_CACHE", str(root / "cache"))
+        mp.setenv("IMGCLS_QUIET", "1")
+        result = run_study(write_spec(root / "spec.yaml"), root / "out")
+    return root / "spec.yaml", root / "out", result
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _light_copy(src: Path, dst: Path) -> Path:
+    """The study without checkpoints or pictures: what planning and aggregation read."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "*.png"))
+    return dst
+
+
+# --- the trained study --------------------------------------------------------------------------------
+
+
+def test_study_writes_runs_tables_and_plots(study):
+    spec_path, out, result = study
+    assert result.trained == 6 and result.skipped == 0 and not result.missing
+    for arm in ARMS:
+        for seed in (0, 1):
+            assert (out / "runs" / arm / f"seed{seed}" / "summary.json").is_file()
+    results = _rows(out / "results.csv")
+    assert len(results) == 6 and {r["arm"] for r in results} == set(ARMS)
+    summary = {r["arm"]: r for r in _rows(out / "summary.csv")}
+    for col in ("arm", "n", "mean", "std", "ci_low", "ci_high", "delta", "p_value", "p_holm", "test"):
+        assert col in summary["sgd"]
+    assert summary["sgd"]["test"] == "paired t over 2 seeds" and summary["sgd"]["n"] == "2"
+    assert summary["no-fox"]["left_out"] == "fox" and "kept classes" in summary["no-fox"]["compared_on"]
+    # the baseline restricted to the kept classes: recomputed here from its predictions
+    kept = []
+    for seed in (0, 1):
+        preds = _rows(out / "runs" / "baseline" / f"seed{seed}" / "eval" / "predictions.csv")
+        kept.append(np.mean([p["true"] == p["predicted"] for p in preds if p["true"] != "fox"]))
+    assert float(summary["no-fox"]["baseline_mean"]) == pytest.approx(np.mean(kept), abs=1e-5)
+    md = (out / "summary.md").read_text()
+    assert "| arm |" in md and "Holm" in md and "fox →" in md and "left out" in md
+    per_class = _rows(out / "per_class_delta.csv")
+    assert {"arm": "no-fox", "class": "fox"}.items() <= next(r for r in per_class if r["arm"] == "no-fox" and r["class"] == "fox").items()
+    assert any(r["left_out_class"] == "fox" for r in _rows(out / "left_out.csv"))
+    for png in ("accuracy_by_arm.png", "per_class_delta.png", "curves.png"):
+        assert (out / png).stat().st_size > 1000
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["baseline"] == "baseline" and saved["data"] == str((spec_path.parent / "data").resolve())
+
+
+def test_rerun_trains_nothing(study, monkeypatch):
+    spec_path, out, _ = study
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished study must not train again")
+
+    monkeypatch.setattr(runner, "train_one", no_training)
+    result = run_study(spec_path, out)
+    assert result.trained == 0 and result.skipped == 6
+
+
+def test_changed_spec_names_stale_runs_and_rerun_stale_redoes_them(study, tmp_path, monkeypatch):
+    spec_path, out, _ = study
+    copy = _light_copy(out, tmp_path / "out")
+    # beside the original spec, so that data: resolves to the same folder
+    changed = write_spec(spec_path.parent / "changed.yaml", arms={**ARMS, "sgd": {"optimizer": "sgd", "lr": 0.05}})
+    with pytest.raises(ImgclsError, match=r"sgd seed 0.*lr: 0\.01 -> 0\.05") as e:
+        run_study(changed, copy)
+    assert "sgd seed 1" in str(e.value) and "baseline seed" not in str(e.value)
+
+    calls = []
+    monkeypatch.setattr(runner, "train_one", lambda cfg, *, run_dir, resume: calls.append((run_dir.parent.name, cfg.seed, resume)) or {})
+    result = run_study(changed, copy, rerun_stale=True)
+    assert calls == [("sgd", 0, False), ("sgd", 1, False)]
+    assert len(list((copy / "stale" / "sgd").iterdir())) == 2
+    assert result.missing == ["sgd seed 0 (not finished)", "sgd seed 1 (not finished)"]  # the fake trained nothing
+
+
+def test_unfinished_run_is_continued(study, tmp_path, monkeypatch):
+    spec_path, out, _ = study
+    copy = _light_copy(out, tmp_path / "out")
+    run = copy / "runs" / "sgd" / "seed1"
+    (run / "summary.json").unlink()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.safetensors").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(runner, "train_one", lambda cfg, *, run_dir, resume: calls.append((run_dir, resume)) or {})
+    result = run_study(spec_path, copy)
+    assert calls == [(run, True)] and result.trained == 1 and result.skipped == 5
+
+
+def test_report_only_through_the_cli(study):
+    spec_path, out, _ = study
+    before = (out / "results.csv").read_text()
+    r = run_cli("study", str(spec_path), "--out", str(out), "--report-only", env={"IMGCLS_QUIET": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "trained 0 run(s), 6 already finished" in r.stderr and "summary.md" in r.stderr
+    assert (out / "results.csv").read_text() == before
+    bad = write_spec(spec_path.parent / "bad.yaml", arms={"baseline": {}, "typo": {"dropuot": 0.5}})
+    r = run_cli("study", str(bad), "--out", str(out))
+    assert r.returncode == 2 and "dropuot" in r.stderr and "'typo'" in r.stderr
+
+
+# --- spec checks (no training) ---------------------------------------------------------------------
+
+
+def test_unknown_key_names_key_and_arm(tmp_path):
+    with pytest.raises(ImgclsError, match=r"arm 'sgd'.*unknown key\(s\) lrr"):
+        spec.parse_spec({"data": "d", "arms": {"baseline": {}, "sgd": {"lrr": 0.1}}}, spec_dir=tmp_path)
+    with pytest.raises(ImgclsError, match="unknown key.*seed_list"):
+        spec.parse_spec({"data": "d", "arms": {"a": {}}, "seed_list": [0]}, spec_dir=tmp_path)
+    with pytest.raises(ImgclsError, match="seed is set by the study"):
+        spec.parse_spec({"data": "d", "arms": {"a": {"seed": 3}}}, spec_dir=tmp_path)
+    with pytest.raises(ImgclsError, match="arm 'a'.*optimizer must be one of"):
+        spec.parse_spec({"data": "d", "arms": {"a": {"optimizer": "lion"}}}, spec_dir=tmp_path)
+
+
+def test_spec_resolves_data_and_baseline(tmp_path):
+    s = spec.parse_spec({"data": "../d", "arms": {"x": {}, "y": {"dropout": 0.5}}, "seeds": [2, 5]}, spec_dir=tmp_path / "studies")
+    assert s.data == str((tmp_path / "d").resolve()) and s.baseline == "x"
+    assert s.runs() == [("x", 2), ("y", 2), ("x", 5), ("y", 5)]
+    assert s.config("y", 5).dropout == 0.5 and s.config("y", 5).seed == 5
+    assert spec.parse_spec({"data": "fashion-mnist", "arms": {"a": {}}}, spec_dir=tmp_path).data == "fashion-mnist"
+    assert spec.parse_spec({"data": "/abs/d", "arms": {"a": {}, "baseline": {}}}, spec_dir=tmp_path).baseline == "baseline"
+
+
+def test_one_run_per_gpu_when_several_are_visible(tmp_path, monkeypatch):
+    s = spec.parse_spec({"data": "d", "arms": {"a": {}, "b": {"dropout": 0.2}}, "seeds": [0, 1]}, spec_dir=tmp_path)
+    runs = runner.plan(s, tmp_path / "out")
+    seen = []
+
+    def fake_run(cmd, *, env, **kw):
+        seen.append((env["CUDA_VISIBLE_DEVICES"], cmd))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    runner._execute_parallel(runs, tmp_path / "out", gpus=["4", "6"], total=4, done_before=0)
+    assert len(seen) == 4 and {g for g, _ in seen} <= {"4", "6"}
+    cmd = seen[0][1]
+    assert cmd[1:4] == ["-m", "imgcls", "train"] and "--config" in cmd
+    stored = json.loads(Path(cmd[cmd.index("--config") + 1]).read_text())
+    assert stored["seed"] in (0, 1) and stored["data"] == str((tmp_path / "d").resolve())
+
+
+# --- statistics on known numbers -------------------------------------------------------------------
+
+
+def test_paired_t_matches_scipy():
+    a, b = [0.81, 0.79, 0.84], [0.78, 0.77, 0.80]
+    assert stats.paired_t(a, b) == pytest.approx(sps.ttest_rel(a, b).pvalue)
+    assert stats.paired_t([0.5, 0.6], [0.5, 0.6]) == 1.0  # identical arms: no evidence of a difference
+
+
+def test_mean_ci_is_student_t():
+    x = [0.80, 0.82, 0.86]
+    m, s, lo, hi = stats.mean_ci(x)
+    ref = sps.t.interval(0.95, df=2, loc=np.mean(x), scale=sps.sem(x))
+    assert (m, s) == pytest.approx((np.mean(x), np.std(x, ddof=1)))
+    assert (lo, hi) == pytest.approx(ref)
+    assert math.isnan(stats.mean_ci([0.8])[2])
+
+
+def test_mcnemar_exact():
+    a = [True] * 10 + [False] * 6 + [True] * 1
+    b = [True] * 10 + [True] * 6 + [False] * 1  # b alone right 6 times, a alone once
+    p, b_only, a_only = stats.mcnemar_exact(a, b)
+    assert (b_only, a_only) == (6, 1)
+    assert p == pytest.approx(sps.binomtest(1, 7, 0.5).pvalue) == pytest.approx(16 / 128)
+    assert stats.mcnemar_exact([True, False], [True, False])[0] == 1.0
+
+
+def test_holm():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = stats.holm([0.2, float("nan")])
+    assert out[0] == pytest.approx(0.2) and math.isnan(out[1])
+
+
+def test_one_seed_uses_mcnemar_on_shared_images():
+    def run(arm, correct):
+        return analysis.RunResult(arm, 0, Path(arm), {"test_accuracy": float(np.mean(list(correct.values())))}, {}, correct)
+
+    base = run("baseline", {f"{c}{i}": i < 8 for c in "abc" for i in range(10)})  # 80% on a, b and c
+    arm = run("x", {f"{c}{i}": True for c in "ab" for i in range(10)})  # left c out; perfect on a and b
+    res = analysis.compare([arm], [base])
+    assert res["test"].startswith("McNemar") and "kept classes" in res["compared_on"]
+    assert res["baseline_mean"] == pytest.approx(0.8) and res["delta"] == pytest.approx(0.2)
+    assert res["p_value"] == pytest.approx(sps.binomtest(0, 4, 0.5).pvalue)
