@@ -227,3 +227,12 @@ def test_one_seed_uses_mcnemar_on_shared_images():
     assert res["test"].startswith("McNemar") and "kept classes" in res["compared_on"]
     assert res["baseline_mean"] == pytest.approx(0.8) and res["delta"] == pytest.approx(0.2)
     assert res["p_value"] == pytest.approx(sps.binomtest(0, 4, 0.5).pvalue)
+
+
+def test_config_differences_ignore_auto_size_device_and_new_default_keys():
+    from imgcls.config import TrainConfig, to_dict
+
+    stored = to_dict(TrainConfig(img_size=32, device="cuda"))
+    stored.pop("ema")  # a run written before the key existed
+    assert runner.config_differences(TrainConfig(), stored) == []
+    assert runner.config_differences(TrainConfig(img_size=64, ema=0.9), stored) == ["img_size: 32 -> 64", "ema: (not stored) -> 0.9"]

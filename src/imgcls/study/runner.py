@@ -39,13 +39,16 @@ class PlannedRun:
 
 
 def config_differences(wanted: TrainConfig, stored: dict) -> list[str]:
-    """Keys whose stored value differs from the spec's; ``img_size: 0`` (auto) matches any stored size."""
+    """Keys whose stored value differs from the spec's; ``img_size: 0`` (auto) matches any stored size,
+    and a key newer than the stored run matches when the spec leaves it at its default."""
+    defaults = config_mod.to_dict(TrainConfig())
     out = []
     for key, value in config_mod.to_dict(wanted).items():
         if key in IGNORED_KEYS or (key == "img_size" and value == 0):
             continue
         if key not in stored:
-            out.append(f"{key} (missing)")
+            if value != defaults[key]:
+                out.append(f"{key}: (not stored) -> {value!r}")
         elif stored[key] != value:
             out.append(f"{key}: {stored[key]!r} -> {value!r}")
     return out
