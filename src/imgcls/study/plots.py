@@ -31,6 +31,8 @@ def accuracy_by_arm(rows: list[dict], seeds: dict[str, list[float]], path: Path,
         ax.errorbar([i], [means[i]], yerr=err[:, i : i + 1], fmt="o", ms=8, color=colors[i], ecolor=colors[i], capsize=6, lw=1.5)
         vals = [100 * v for v in seeds.get(arms[i], [])]
         ax.plot(i + 0.18 + np.linspace(0, 0.1, len(vals)), vals, ".", color="k", ms=5, alpha=0.7)
+        if "kept" in rows[i].get("compared_on", ""):  # its own test set is smaller: show the fair reference
+            ax.plot([i], [100 * rows[i]["baseline_mean"]], "x", color="C7", ms=9, mew=2, label=f"{baseline} on the same images")
     base = next((r for r in rows if r["arm"] == baseline), None)
     if base is not None and not math.isnan(base["mean"]):
         ax.axhline(100 * base["mean"], color="C7", ls="--", lw=1, label=f"{baseline} mean")
@@ -62,7 +64,8 @@ def per_class_delta(rows: list[dict], arms: list[str], classes: list[str], path:
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             txt = "left out" if np.isnan(m[i, j]) else f"{m[i, j]:+.1f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=7)
+            dark = np.isfinite(m[i, j]) and abs(m[i, j]) > 0.6 * lim
+            ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_title(f"per-class accuracy change vs {baseline} (points, mean over seeds)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="points")
     return _save(fig, path)
