@@ -153,3 +153,27 @@ def test_sigterm_through_the_cli_saves_and_resumes(tmp_path):
     r = run_cli("train", "--resume", "--out", str(run), "--epochs", str(done + 1))
     assert r.returncode == 0, r.stderr
     assert (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks(tmp_path):
+    """The same entry point under torchrun: DDP over gloo, each rank a share of the data, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import make_split_root
+
+    data = make_split_root(tmp_path / "d", train=20, test=4)
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29531",
+         "-m", "imgcls", "train", str(data), "--out", str(run), "--model", "resnet18", "--img-size", "32",
+         "--epochs", "2", "--batch-size", "8", "--precision", "fp32"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "summary.json").exists() and (run / "eval" / "metrics.json").exists()
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3

@@ -52,7 +52,7 @@ def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> L
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ImgclsError(f"{path} does not fit model {cfg.model}: {str(e).splitlines()[0]}") from None
-    rt = rt_mod.setup(device)
+    rt = rt_mod.setup(device, distributed=False)
     precision = rt_mod.choose_precision(cfg.precision, model, rt.device, int(meta["img_size"]))
     model = model.to(rt.device).eval()
     if meta.get("channels_last", True):

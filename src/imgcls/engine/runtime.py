@@ -37,9 +37,11 @@ class Runtime:
         return self.world > 1
 
 
-def setup(device: str = "auto") -> Runtime:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def setup(device: str = "auto", *, distributed: bool = True) -> Runtime:
+    """The device for this process; joins torchrun's process group unless ``distributed=False``
+    (evaluation and prediction run on rank 0 alone, after training has left the group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
