@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = make_split_root(root / "data", classes=("cat", "dog", "fox", "owl", "bee", "ant", "elk"), train=10, test=3)
     run = root / "run"
-    r = run_cli("train", str(data), "--out", str(run), "--epochs", "1", *FAST, env={"IMGCLS_CACHE": str(root / "cache")})
+    r = run_cli("train", str(data), "--out", str(run), "--epochs", "1", *FAST, env={"IMGCLS_CACHE": str(root / "cache"), "IMGCLS_QUIET": "0"})
     assert r.returncode == 0, r.stderr
     return data, run, r
 
@@ -130,3 +130,27 @@ def test_errors_are_one_line(tmp_path, args, message):
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_salted_data_set_trains_to_the_end(tmp_path):
+    """Bad files are skipped and reported, odd valid files are used, and the run completes."""
+    import numpy as np
+    from PIL import Image
+
+    data = make_split_root(tmp_path / "data", train=8, test=2)
+    cat = data / "train" / "cat"
+    (cat / "zero.jpg").write_bytes(b"")
+    (cat / "notes.jpg").write_text("text")
+    Image.new("CMYK", (32, 32), (0, 200, 200, 0)).save(cat / "cmyk.jpg")
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(cat / "deep16.png")
+    Image.new("RGBA", (40, 30), (200, 0, 0, 120)).save(cat / "alpha.png")
+    Image.new("P", (32, 32), 3).save(cat / "palette.gif")
+    (data / "train" / ".ipynb_checkpoints").mkdir()
+    (cat / "Thumbs.db").write_bytes(b"\x00")
+    run = tmp_path / "run"
+    r = run_cli("train", str(data), "--out", str(run), "--epochs", "1", "--max-bad-fraction", "0.3", *FAST, env={"IMGCLS_QUIET": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "skipped 2 unusable file(s)" in r.stderr and "ignored 1 non-image file(s)" in r.stderr
+    report = json.loads((run / "data_report.json").read_text())
+    assert {s["path"].rsplit("/", 1)[-1] for s in report["skipped"]} == {"zero.jpg", "notes.jpg"}
+    assert report["counts"]["train"]["cat"] + report["counts"]["val"]["cat"] == 8 + 4

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ class Task:
 @contextmanager
 def task(description: str, total: int, *, unit: str = "img") -> Iterator[Task]:
     """A progress bar for ``total`` units; prints nothing when progress is disabled."""
-    if not enabled() or total <= 0:
+    if not enabled() or total <= 0 or not console.is_terminal:  # logs get the summary lines only
         yield Task(None, None, unit)
         return
     progress = Progress(
@@ -48,7 +47,7 @@ def task(description: str, total: int, *, unit: str = "img") -> Iterator[Task]:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-        transient=not sys.stderr.isatty(),  # in logs, keep only the lines we print ourselves
+        transient=True,
     )
     with progress:
         tid = progress.add_task(description, total=total, info="")
