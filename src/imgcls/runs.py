@@ -138,10 +138,15 @@ def eval_command(run_dir: Path, data: str | None, out_dir: Path | None, *, tta: 
             raise ImgclsError(f"{source} has no test split; pass DATA to evaluate")
         split, excluded = prepared.test, prepared.excluded_test
     else:
-        split, excluded, _report = prepare_eval(
+        split, excluded, report = prepare_eval(
             source, classes=loaded.classes, img_size=loaded.img_size, allow_unknown=loaded.excluded_classes
         )
     out = out_dir or (run_dir / "eval")
+    if data is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "data_report.json", report)
+        for s in report["skipped"]:
+            progress.say(f"skipped {s['path']}: {s['reason']}")
     return evaluate_split(loaded, split, out, excluded=excluded, tta=loaded.config.tta if tta is None else tta)
 
 
