@@ -20,8 +20,15 @@ def add_parser(sub) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    import sys
+
+    from imgcls.engine.train import Interrupted
     from imgcls.study.core import timed_study
 
     out = args.out or Path("runs") / f"study-{args.spec.stem}"
-    timed_study(args.spec, out, rerun_stale=args.rerun_stale, report_only=args.report_only)
+    try:
+        timed_study(args.spec, out, rerun_stale=args.rerun_stale, report_only=args.report_only)
+    except Interrupted as e:  # the run saved a checkpoint; the study, not `train --resume`, continues it
+        print(f"imgcls: {e}; rerun the same study command to continue where it stopped", file=sys.stderr)
+        return 128 + e.signum
     return 0
