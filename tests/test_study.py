@@ -176,7 +176,10 @@ def test_one_run_per_gpu_when_several_are_visible(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    warmed = []
+    monkeypatch.setattr("imgcls.data.prepare", lambda cfg: warmed.append(cfg.img_size))
     runner._execute_parallel(runs, tmp_path / "out", gpus=["4", "6"], total=4, done_before=0)
+    assert warmed == [0]  # the decode cache is built once, before the runs start
     assert len(seen) == 4 and {g for g, _ in seen} <= {"4", "6"}
     cmd = seen[0][1]
     assert cmd[1:4] == ["-m", "imgcls", "train"] and "--config" in cmd

@@ -170,6 +170,11 @@ def _subprocess_command(r: PlannedRun, out: Path) -> list[str]:
 
 
 def _execute_parallel(runs: list[PlannedRun], out: Path, *, gpus: list[str], total: int, done_before: int) -> None:
+    # decode each image size once here, so the parallel runs read the cache instead of all decoding it at once
+    from imgcls.data import prepare
+
+    for cfg in {(r.config.data, r.config.img_size): r.config for r in runs}.values():
+        prepare(cfg)
     free: queue.Queue[str] = queue.Queue()
     for g in gpus:
         free.put(g)
