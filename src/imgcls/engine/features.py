@@ -1,0 +1,137 @@
+"""Frozen-stage feature reuse: compute the frozen stages' output once per image, train the rest on it.
+
+When the first stages of a model are frozen (kept in eval mode, no gradients) and the augmentation is a
+horizontal flip or nothing, the frozen part maps each training image to one of only two tensors: the
+features of the image or of its mirror image. Computing them once, before the first epoch, removes the
+frozen part's forward pass (most of the FLOPs of a fine-tune at 150 px) from every later step.
+
+The step is the same computation as without the cache: the flips are drawn from the same generator in
+the same way as ``BatchAugment`` (one ``rand(B) < 0.5`` per batch), so a run's random stream, its resume
+and its checkpoints do not depend on whether the cache is used.
+
+Shapes: the cache holds ``V*N x C x H x W`` (``V`` = 2 with flip, 1 without; rows ``[N, 2N)`` are the
+mirrored images), in the dtype the frozen part produces under the run's precision, channels_last when the
+run is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from imgcls.data.augment import to_float
+from imgcls.engine.runtime import autocast
+
+# Above this the cache is not built and training runs the frozen stages every step as usual.
+MAX_BYTES = 6 * 2**30
+AUGMENTS = ("none", "flip")
+
+
+def split_forward(model: nn.Module, n_frozen: int) -> tuple[Callable, Callable] | None:
+    """``(frozen, rest)`` with ``rest(frozen(x)) == model(x)`` for the model families ``freeze_stages`` knows
+    (stage 0 is the stem); None for any other model (the caller then keeps the plain path)."""
+    if n_frozen <= 0:
+        return None
+    if hasattr(model, "conv_stem") and hasattr(model, "blocks") and hasattr(model, "forward_head"):
+        blocks = list(model.blocks)  # EfficientNet / MobileNet family: stem, blocks, conv_head, bn2, head
+        if n_frozen - 1 > len(blocks):
+            return None
+
+        def frozen(x):
+            x = model.bn1(model.conv_stem(x))
+            for b in blocks[: n_frozen - 1]:
+                x = b(x)
+            return x
+
+        def rest(x):
+            for b in blocks[n_frozen - 1 :]:
+                x = b(x)
+            return model.forward_head(model.bn2(model.conv_head(x)))
+
+        return frozen, rest
+    if hasattr(model, "conv1") and hasattr(model, "layer1") and hasattr(model, "maxpool") and hasattr(model, "forward_head"):
+        layers = [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+        if n_frozen - 1 > len(layers):
+            return None
+
+        def frozen(x):
+            x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+            for layer in layers[: n_frozen - 1]:
+                x = layer(x)
+            return x
+
+        def rest(x):
+            for layer in layers[n_frozen - 1 :]:
+                x = layer(x)
+            return model.forward_head(x)
+
+        return frozen, rest
+    return None
+
+
+class FrozenFeatureCache:
+    """The frozen part's output for every training image (and its mirror image when flipping)."""
+
+    def __init__(self, features: torch.Tensor, n: int, *, flip: bool):
+        self.features = features  # V*N x C x H x W
+        self.n = n
+        self.flip = flip
+
+    @classmethod
+    @torch.inference_mode()
+    def build(
+        cls,
+        frozen: Callable,
+        images: torch.Tensor,
+        *,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        flip: bool,
+        precision: str,
+        channels_last: bool,
+        batch_size: int = 128,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> FrozenFeatureCache:
+        """Run ``frozen`` over ``images`` (``N x S x S x 3`` uint8, on the training device), and over their
+        mirror images when ``flip``. The frozen modules must already be in eval mode."""
+        n, device = len(images), images.device
+        views = (False, True) if flip else (False,)
+        out = None
+        for v, mirrored in enumerate(views):
+            for start in range(0, n, batch_size):
+                x = to_float(images[start : start + batch_size], mean, std)
+                if mirrored:
+                    x = x.flip(3)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    f = frozen(x)
+                if out is None:
+                    fmt = torch.channels_last if channels_last else torch.contiguous_format
+                    out = torch.empty((len(views) * n, *f.shape[1:]), dtype=f.dtype, device=device, memory_format=fmt)
+                out[v * n + start : v * n + start + len(f)] = f
+                if on_batch is not None:
+                    on_batch(len(f))
+        assert out is not None, "no training images"
+        return cls(out, n, flip=flip)
+
+    def batch(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Features of the images ``idx``, each mirrored with probability 1/2 (drawn as BatchAugment does)."""
+        if self.flip:
+            mirrored = torch.rand(len(idx), generator=g, device=idx.device) < 0.5
+            idx = idx + mirrored.long() * self.n
+        return self.features.index_select(0, idx)
+
+
+def estimate_bytes(frozen: Callable, images: torch.Tensor, *, mean, std, flip: bool, precision: str) -> int:
+    """Bytes the cache would take, from one image's features."""
+    with torch.inference_mode():
+        x = to_float(images[:1], mean, std)
+        with autocast(images.device, precision):
+            f = frozen(x)
+    return f.numel() * f.element_size() * len(images) * (2 if flip else 1)
+
+
+__all__ = ["FrozenFeatureCache", "split_forward", "estimate_bytes", "AUGMENTS", "MAX_BYTES"]
