@@ -185,7 +185,7 @@ DEMO = {
     "data": "fashion-mnist",
     "model": "resnet10t",
     "img_size": 28,
-    "epochs": 5,
+    "epochs": 4,
     "batch_size": 256,
     "optimizer": "adamw",
     "lr": 3e-3,
