@@ -23,8 +23,15 @@ PRESETS = ("none", "flip", "flip-rotate", "rrc", "randaugment", "strong")
 
 def to_float(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 ``B x H x W x 3`` -> normalised float ``B x 3 x H x W`` (channels_last memory, no copy of layout)."""
-    x = x.permute(0, 3, 1, 2).float()
-    return (x * (1.0 / 255.0) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    # one pass over the batch: x * (1 / (255 std)) - mean / std, the uint8 read and promoted in the kernel
+    scale, shift = _norm_coefficients(mean, std)
+    return torch.addcmul(shift, x.permute(0, 3, 1, 2), scale)
+
+
+def _norm_coefficients(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, each ``1 x 3 x 1 x 1``, with ``normalise(x) = x * scale + shift`` for x in [0, 255]."""
+    std = std.view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), -mean.view(1, 3, 1, 1) / std
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -85,17 +92,24 @@ class BatchAugment:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 x = torch.cat([self._randaugment(c) for c in x.permute(0, 3, 1, 2).split(8)]).permute(0, 2, 3, 1)
-        out = to_float(x, self.mean.to(device), self.std.to(device))
+        mean, std = self.mean.to(device), self.std.to(device)
         if self.preset == "none":
-            return out
+            return to_float(x, mean, std)
         if self.preset in ("flip", "randaugment"):
+            # flip the uint8 pixels (W is dim 2 of B x H x W x 3): a quarter of the bytes of a float flip
             flip = torch.rand(b, generator=g, device=device) < 0.5
-            return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out).contiguous(memory_format=torch.channels_last)
+            return to_float(torch.where(flip.view(b, 1, 1, 1), x.flip(2), x), mean, std)
         theta = self._affine(b, g, device)
-        grid = F.affine_grid(theta, list(out.shape), align_corners=False)
-        # zeros padding in normalised space == black in pixel space, as torchvision's rotation fill=0
-        fill = (-self.mean / self.std).to(device).view(1, 3, 1, 1)
-        out = F.grid_sample(out - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+        _, h, w, _ = x.shape
+        # Resample the raw pixel values, normalise afterwards (both are linear, so the order is free):
+        # zeros padding is then black, as torchvision's rotation fill=0. grid_sample reads NCHW float
+        # fastest on CPU; the normalisation writes the channels_last result in the same pass.
+        pixels = torch.empty((b, 3, h, w), device=device).copy_(x.permute(0, 3, 1, 2))
+        grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
+        sampled = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        scale, shift = _norm_coefficients(mean, std)
+        out = torch.empty((b, 3, h, w), device=device, memory_format=torch.channels_last)
+        torch.addcmul(shift, sampled, scale, out=out)
         if self.preset == "strong":
             out = self._jitter_and_erase(out, g)
         return out.contiguous(memory_format=torch.channels_last)
