@@ -46,7 +46,7 @@ def remove_norms(model: nn.Module) -> int:
     normalisation. timm's fused ``BatchNormAct2d`` keeps its activation.
     """
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, NORM_TYPES):
                 continue
