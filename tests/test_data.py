@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import class_image, make_split_root, tree_digest, write_class_folders
+from conftest import SHARED, class_image, make_split_root, tree_digest, write_class_folders
 from imgcls.config import TrainConfig
 from imgcls.data import prepare, prepare_eval
-from imgcls.data.sources import discover, stratified_split
+from imgcls.data.sources import FASHION_MNIST_DIR, discover, stratified_split
 from imgcls.errors import ImgclsError
 
 
@@ -166,3 +166,20 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
 def test_missing_folder(tmp_path):
     with pytest.raises(ImgclsError, match="not found"):
         discover(str(tmp_path / "nope"))
+
+
+@pytest.mark.skipif(not (SHARED / "train").is_dir(), reason="intel-scenes not present at ../shared/datasets (tests that need it skip)")
+def test_intel_scenes_scan_finds_its_known_flaws():
+    d = prepare(TrainConfig(data=str(SHARED)))
+    assert d.classes == ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+    assert len(d.train) + len(d.val) == 7240 and len(d.test) == 1501 and d.img_size == 150
+    # its README: a few identical photos under two labels (buildings and street)
+    labels = {frozenset(f["label"] for f in c["files"]) for c in d.report["conflicting_labels"]}
+    assert frozenset({"buildings", "street"}) in labels
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_builtin():
+    d = prepare(TrainConfig(data="fashion-mnist", val_fraction=0.1))
+    assert len(d.classes) == 10 and d.img_size == 28
+    assert len(d.train) + len(d.val) == 60000 and len(d.test) == 10000
