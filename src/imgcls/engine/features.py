@@ -74,10 +74,11 @@ def split_forward(model: nn.Module, n_frozen: int) -> tuple[Callable, Callable] 
 class FrozenFeatureCache:
     """The frozen part's output for every training image (and its mirror image when flipping)."""
 
-    def __init__(self, features: torch.Tensor, n: int, *, flip: bool):
+    def __init__(self, features: torch.Tensor, n: int, *, flip: bool, dtype: torch.dtype):
         self.features = features  # V*N x C x H x W
         self.n = n
         self.flip = flip
+        self.dtype = dtype  # what batches are handed out in (the storage may be narrower)
 
     @classmethod
     @torch.inference_mode()
@@ -91,11 +92,13 @@ class FrozenFeatureCache:
         flip: bool,
         precision: str,
         channels_last: bool,
+        dtype: torch.dtype = torch.float32,
         batch_size: int = 128,
         on_batch: Callable[[int], None] | None = None,
     ) -> FrozenFeatureCache:
         """Run ``frozen`` over ``images`` (``N x S x S x 3`` uint8, on the training device), and over their
-        mirror images when ``flip``. The frozen modules must already be in eval mode."""
+        mirror images when ``flip``, under ``precision``; batches come out in ``dtype``. The frozen modules
+        must already be in eval mode."""
         n, device = len(images), images.device
         views = (False, True) if flip else (False,)
         out = None
@@ -115,14 +118,34 @@ class FrozenFeatureCache:
                 if on_batch is not None:
                     on_batch(len(f))
         assert out is not None, "no training images"
-        return cls(out, n, flip=flip)
+        return cls(out, n, flip=flip, dtype=dtype)
 
     def batch(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Features of the images ``idx``, each mirrored with probability 1/2 (drawn as BatchAugment does)."""
         if self.flip:
             mirrored = torch.rand(len(idx), generator=g, device=idx.device) < 0.5
             idx = idx + mirrored.long() * self.n
-        return self.features.index_select(0, idx)
+        return self.features[idx].to(self.dtype)  # [idx] keeps channels_last, index_select does not
+
+    def all(self) -> torch.Tensor:
+        """Every image's features, unflipped, in order (validation)."""
+        return self.features[: self.n].to(self.dtype)
+
+
+@torch.inference_mode()
+def predict_rest(rest: Callable, module: nn.Module, features: torch.Tensor, *, precision: str, batch_size: int = 256) -> torch.Tensor:
+    """Logits (float32, CPU) of ``rest`` (the part of ``module`` after its frozen stages) over cached features.
+    ``module`` is in eval mode for the call and restored afterwards."""
+    was_training = module.training
+    module.eval()
+    out = []
+    try:
+        for start in range(0, len(features), batch_size):
+            with autocast(features.device, precision):
+                out.append(rest(features[start : start + batch_size]).float().cpu())
+    finally:
+        module.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 def estimate_bytes(frozen: Callable, images: torch.Tensor, *, mean, std, flip: bool, precision: str) -> int:
@@ -134,4 +157,4 @@ def estimate_bytes(frozen: Callable, images: torch.Tensor, *, mean, std, flip: b
     return f.numel() * f.element_size() * len(images) * (2 if flip else 1)
 
 
-__all__ = ["FrozenFeatureCache", "split_forward", "estimate_bytes", "AUGMENTS", "MAX_BYTES"]
+__all__ = ["FrozenFeatureCache", "split_forward", "predict_rest", "estimate_bytes", "AUGMENTS", "MAX_BYTES"]

@@ -108,6 +108,16 @@ def choose_precision(requested: str, model: nn.Module, device: torch.device, img
     return "bf16" if cpu_has_bf16() and not has_depthwise(model) and img_size >= 48 else "fp32"
 
 
+def inference_precision(requested: str, train_precision: str, device: torch.device) -> str:
+    """Precision for forward-only work inside a run (the frozen stages' cached features). Under ``auto`` a
+    CPU with native bf16 uses it even where training stays fp32: what keeps EfficientNet-Lite0 training in
+    fp32 is the depthwise *backward*; its frozen stem + blocks 0-5 forward ran at 150 vs 95 img/s in bf16 vs
+    fp32 here (bench/, PERFORMANCE.md)."""
+    if requested != "auto" or train_precision != "fp32" or device.type != "cpu":
+        return train_precision
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
 def choose_channels_last(requested: str) -> bool:
     """channels_last helped every CNN measured here (1.2-1.6x on this CPU, standard on GPUs)."""
     return requested != "off"

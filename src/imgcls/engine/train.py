@@ -171,6 +171,7 @@ class Trainer:
         # Not under DDP: the cached path calls the model's parts directly, around DDP's hooks.
         self.split = feat_mod.split_forward(model, cfg.freeze) if cfg.augment in feat_mod.AUGMENTS and not rt.distributed else None
         self.features: feat_mod.FrozenFeatureCache | None = None
+        self.val_features: feat_mod.FrozenFeatureCache | None = None
         self.aug_gen = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000 + rt.rank)
         # On a GPU the decoded training set lives on the device; on a CPU it is already there.
         self.train_images = data.train.images.to(rt.device)
@@ -331,11 +332,16 @@ class Trainer:
             self.split = None
             return
         views = 2 if flip else 1
-        with progress.task("frozen-stage features", views * len(self.train_images)) as bar:
-            self.features = feat_mod.FrozenFeatureCache.build(
-                frozen, self.train_images, mean=mean, std=std, flip=flip, precision=self.precision,
-                channels_last=self.channels_last, batch_size=max(self.cfg.batch_size, 128), on_batch=bar.advance,
-            )
+        common = dict(
+            mean=mean, std=std, channels_last=self.channels_last, batch_size=max(self.cfg.batch_size, 128),
+            precision=rt_mod.inference_precision(self.cfg.precision, self.precision, self.rt.device),
+            dtype=torch.float32 if self.precision == "fp32" else torch.bfloat16 if self.precision == "bf16" else torch.float16,
+        )
+        val_images = self.data.val.images.to(self.rt.device)
+        with progress.task("frozen-stage features", views * len(self.train_images) + len(val_images)) as bar:
+            self.features = feat_mod.FrozenFeatureCache.build(frozen, self.train_images, flip=flip, on_batch=bar.advance, **common)
+            # validation reuses them too: the EMA copy's frozen stages equal the model's (lerp of equal values)
+            self.val_features = feat_mod.FrozenFeatureCache.build(frozen, val_images, flip=False, on_batch=bar.advance, **common)
 
     # -- epochs ----------------------------------------------------------------------------------
 
@@ -390,10 +396,16 @@ class Trainer:
         module = self.ema.module if self.ema is not None else self.model
         n = len(self.data.val)
         lo, hi = (n * self.rt.rank) // self.rt.world, (n * (self.rt.rank + 1)) // self.rt.world
-        logits = predict_logits(
-            module, self.data.val.images[lo:hi], mean=self.mean, std=self.std,
-            device=self.rt.device, precision=self.precision, batch_size=max(self.cfg.batch_size, 128),
-        )
+        if self.val_features is not None:  # only when not distributed: lo, hi = 0, n
+            logits = feat_mod.predict_rest(
+                feat_mod.split_forward(module, self.cfg.freeze)[1], module, self.val_features.all(),
+                precision=self.precision, batch_size=max(self.cfg.batch_size, 128),
+            )
+        else:
+            logits = predict_logits(
+                module, self.data.val.images[lo:hi], mean=self.mean, std=self.std,
+                device=self.rt.device, precision=self.precision, batch_size=max(self.cfg.batch_size, 128),
+            )
         labels = self.data.val.labels[lo:hi]
         if len(labels):
             loss_sum = float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
