@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from imgcls.report.plots import plt  # importing it selects the Agg backend: files only, no display
 
@@ -82,8 +83,10 @@ def curves(curves_by_arm: dict[str, tuple[list[int], list[float], list[float], l
         if any(a != b for a, b in zip(lo, hi)):
             ax.fill_between(epochs, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=0.15)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
-    ax.set_title("validation accuracy per epoch (mean over seeds; band: min-max)", fontsize=9)
+    ax.set_title("validation accuracy per epoch (mean over seeds; band: min-max)\n"
+                 "arms that leave classes out are scored on the kept classes only", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
