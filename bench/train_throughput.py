@@ -1,0 +1,165 @@
+"""Training throughput: the capable-user loop vs imgcls's engine vs the same model on ready tensors.
+
+Three ways to feed the same model (same architecture, batch size, precision and memory layout), in one
+process, side by side, in alternating chunks:
+
+- ``baseline``: bench/baseline_loop.py (ImageFolder + PIL transforms, DataLoader with 2 workers);
+- ``imgcls``: the real engine, ``Trainer._forward_backward`` + ``_optimizer_step`` as ``train_epoch``
+  calls them (index into the decoded uint8 set, batched augmentation, step);
+- ``ready``: the Trainer's own model, loss and optimizer step on batches augmented beforehand and held
+  in memory as float tensors: what the step costs when the data path is free.
+
+Each chunk's throughput is its images over its wall time; the figure per mode is the median over chunks.
+The baseline's DataLoader refills its prefetch queue while the other modes run, so the first
+``2 x workers`` steps of each baseline chunk are run but not timed. ``imgcls / ready`` is the share of the
+step the data path leaves (1.0 = free); ``imgcls / baseline`` the speed-up over the usual loop.
+
+    flock /tmp/imgcls-heavy.lock .venv/bin/python bench/train_throughput.py [--quick] [--models resnet18,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baseline_loop  # noqa: E402
+
+from imgcls import config as config_mod  # noqa: E402
+from imgcls.data import prepare  # noqa: E402
+from imgcls.engine import runtime as rt_mod  # noqa: E402
+from imgcls.engine.train import Trainer, _batches, epoch_order  # noqa: E402
+
+CONFIGS = {
+    "resnet18": {"model": "resnet18", "pretrained": False},
+    "resnet50": {"model": "resnet50", "pretrained": False},
+    "efficientnet_lite0": {"model": "efficientnet_lite0", "pretrained": True},  # full fine-tune, nothing frozen
+}
+MODES = ("baseline", "imgcls", "ready")
+
+
+def make_trainer(name: str, data, *, batch_size: int, precision: str, augment: str, run_dir: Path) -> Trainer:
+    cfg = config_mod.from_dict(
+        {
+            "data": baseline_loop.DATA.as_posix(), "img_size": 150, **CONFIGS[name], "freeze": 0,
+            "batch_size": batch_size, "precision": precision, "channels_last": "on", "augment": augment,
+            "ema": 0.0, "epochs": 3, "device": "cpu",
+        }
+    )
+    return Trainer(cfg, run_dir, data, rt_mod.setup("cpu"))
+
+
+def engine_step(tr: Trainer, idx: torch.Tensor) -> None:
+    """One step exactly as Trainer.train_epoch takes it on a CPU (finite check every step there)."""
+    loss, _ = tr._forward_backward(idx, sync=True)
+    tr._check_finite(loss)
+    tr._optimizer_step()
+
+
+def ready_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The same step with the data path removed: the batch is already augmented float, channels_last."""
+    with rt_mod.autocast(tr.rt.device, tr.precision):
+        logits = tr.model(x)
+        loss = tr.criterion(logits.float(), y)
+    tr.scaler.scale(loss).backward()
+    (logits.detach().argmax(1) == y).sum()
+    tr._check_finite(loss.detach())
+    tr._optimizer_step()
+
+
+def measure(name: str, data, args) -> dict:
+    bs = args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = make_trainer(name, data, batch_size=bs, precision=args.precision, augment=args.augment, run_dir=Path(tmp))
+    tr._train_mode()
+    batches = _batches(epoch_order(0, 0, len(data.train), tr.rt), bs)
+    # ready tensors: a few distinct batches augmented up front by the engine's own augmentation
+    ready = []
+    with torch.no_grad():
+        for idx in batches[: args.ready_batches]:
+            ready.append((tr.augment(tr.train_images[idx], tr.aug_gen), tr.train_labels[idx]))
+    base = baseline_loop.build(
+        CONFIGS[name]["model"], pretrained=CONFIGS[name]["pretrained"], batch_size=bs, epochs=3,
+        rotate=args.augment == "flip-rotate", precision=args.precision,
+    )
+    discard = 2 * base.train_loader.num_workers
+    pos = {"imgcls": 0, "ready": 0}
+
+    def chunk(mode: str, steps: int) -> float:
+        """Run ``steps`` timed steps of ``mode``; returns images per second."""
+        if mode == "baseline":
+            baseline_loop.train_steps(base, discard)  # drain what was prefetched meanwhile
+            t = time.perf_counter()
+            baseline_loop.train_steps(base, steps)
+            return steps * bs / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(steps):
+            i = pos[mode]
+            pos[mode] += 1
+            if mode == "imgcls":
+                engine_step(tr, batches[i % len(batches)])
+            else:
+                ready_step(tr, *ready[i % len(ready)])
+        return steps * bs / (time.perf_counter() - t)
+
+    for mode in MODES:  # warm-up: first-call costs, allocator, worker start
+        chunk(mode, args.warmup)
+    rates: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        order = MODES[r % 3 :] + MODES[: r % 3]  # rotate who goes first
+        for mode in order:
+            rates[mode].append(chunk(mode, args.steps))
+        print(f"  {name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in MODES), flush=True)
+    del base
+    med = {m: statistics.median(v) for m, v in rates.items()}
+    return {
+        "model": name,
+        "pretrained": CONFIGS[name]["pretrained"],
+        "img_per_s": med,
+        "chunks": rates,
+        "imgcls_over_ready": med["imgcls"] / med["ready"],
+        "imgcls_over_baseline": med["imgcls"] / med["baseline"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="training throughput: baseline loop vs imgcls vs ready tensors")
+    p.add_argument("--models", default="resnet18,resnet50,efficientnet_lite0")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter chunks (a smoke run)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--augment", default="flip-rotate", choices=["flip", "flip-rotate"],
+                   help="flip-rotate matches the baseline's RandomHorizontalFlip + RandomRotation(15)")
+    args = p.parse_args()
+    args.rounds, args.steps, args.warmup = (2, 3, 2) if args.quick else (3, 8, 3)
+    args.ready_batches = 8
+    torch.manual_seed(0)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in CONFIGS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(CONFIGS)}")
+    data = prepare(config_mod.from_dict({"data": baseline_loop.DATA.as_posix(), "img_size": 150}))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, {args.precision} "
+          f"channels_last, augment {args.augment}, {args.rounds} rounds x {args.steps} steps per mode", flush=True)
+    results = [measure(n, data, args) for n in names]
+    print()
+    print(f"{'model@150':<24} {'baseline':>9} {'imgcls':>9} {'ready':>9}   {'imgcls/ready':>12} {'imgcls/baseline':>15}")
+    for r in results:
+        ips = r["img_per_s"]
+        label = r["model"] + (" (fine-tune)" if r["pretrained"] else " (scratch)")
+        print(f"{label:<24} {ips['baseline']:>9.1f} {ips['imgcls']:>9.1f} {ips['ready']:>9.1f}   "
+              f"{r['imgcls_over_ready']:>12.3f} {r['imgcls_over_baseline']:>15.2f}")
+    print("(img/s, medians over alternating chunks in this one run; ready = same step on pre-augmented tensors)")
+    print(json.dumps({"bench": "train_throughput", "batch_size": args.batch_size, "precision": args.precision,
+                      "augment": args.augment, "quick": args.quick, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
