@@ -150,11 +150,11 @@ def main() -> None:
           f"channels_last, augment {args.augment}, {args.rounds} rounds x {args.steps} steps per mode", flush=True)
     results = [measure(n, data, args) for n in names]
     print()
-    print(f"{'model@150':<24} {'baseline':>9} {'imgcls':>9} {'ready':>9}   {'imgcls/ready':>12} {'imgcls/baseline':>15}")
+    print(f"{'model@150':<31} {'baseline':>9} {'imgcls':>9} {'ready':>9}   {'imgcls/ready':>12} {'imgcls/baseline':>15}")
     for r in results:
         ips = r["img_per_s"]
         label = r["model"] + (" (fine-tune)" if r["pretrained"] else " (scratch)")
-        print(f"{label:<24} {ips['baseline']:>9.1f} {ips['imgcls']:>9.1f} {ips['ready']:>9.1f}   "
+        print(f"{label:<31} {ips['baseline']:>9.1f} {ips['imgcls']:>9.1f} {ips['ready']:>9.1f}   "
               f"{r['imgcls_over_ready']:>12.3f} {r['imgcls_over_baseline']:>15.2f}")
     print("(img/s, medians over alternating chunks in this one run; ready = same step on pre-augmented tensors)")
     print(json.dumps({"bench": "train_throughput", "batch_size": args.batch_size, "precision": args.precision,
