@@ -37,7 +37,7 @@ def accuracy_by_arm(rows: list[dict], seeds: dict[str, list[float]], path: Path,
     base = next((r for r in rows if r["arm"] == baseline), None)
     if base is not None and not math.isnan(base["mean"]):
         ax.axhline(100 * base["mean"], color="C7", ls="--", lw=1, label=f"{baseline} mean")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     finite = [v for v in np.concatenate([means, lo, hi, [100 * v for s in seeds.values() for v in s]]) if np.isfinite(v)]
     if finite:
         span = max(finite) - min(finite)
