@@ -424,10 +424,10 @@ class Trainer:
         cfg, run_dir = self.cfg, self.run_dir
         last = run_dir / "checkpoints" / "last.safetensors"
         best = run_dir / "checkpoints" / "best.safetensors"
-        history = _read_history(run_dir / "metrics.csv")
+        history: list[dict] = []
         if resume:
             self.load_full(last)
-            history = [h for h in history if int(h["epoch"]) <= self.epoch]
+            history = [h for h in _read_history(run_dir / "metrics.csv") if int(h["epoch"]) <= self.epoch]
             if self.rt.is_main:
                 progress.say(f"resumed {run_dir} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
         stopped_early = False
