@@ -54,6 +54,8 @@ def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> L
         raise ImgclsError(f"{path} does not fit model {cfg.model}: {str(e).splitlines()[0]}") from None
     rt = rt_mod.setup(device, distributed=False)
     precision = rt_mod.choose_precision(cfg.precision, model, rt.device, int(meta["img_size"]))
+    if int(meta["img_size"]) >= 48:  # forward only: bf16 helps depthwise models too (Lite0@150: 175 vs 114 img/s)
+        precision = rt_mod.inference_precision(cfg.precision, precision, rt.device)
     model = model.to(rt.device).eval()
     if meta.get("channels_last", True):
         model = model.to(memory_format=torch.channels_last)
