@@ -67,7 +67,7 @@ def test_lite0_package_weights_name_a_cat():
     from PIL import Image
 
     img = Image.fromarray(skimage_data.chelsea()).resize((224, 224))
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     model = lite0_imagenet().eval()

@@ -10,12 +10,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from imgcls.report.plots import save_figure  # noqa: E402
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.5) -> np.ndarray:
@@ -51,7 +46,7 @@ def three_panels(image: np.ndarray, heatmap: np.ndarray, ov: np.ndarray, *, titl
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def panel(rows: dict[str, list[np.ndarray]], titles: list[str], path: Path, *, suptitle: str = "") -> Path:
@@ -79,4 +74,4 @@ def panel(rows: dict[str, list[np.ndarray]], titles: list[str], path: Path, *, s
         axes[r, 0].set_ylabel(arm, fontsize=8, rotation=0, ha="right", va="center")
     if suptitle:
         fig.suptitle(suptitle)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure as PNG (parent folders made) and free it: every plot in imgcls goes through here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -38,7 +39,7 @@ def confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, *, nor
                 txt = f"{m[i, j]:.2f}" if normalize else f"{int(m[i, j])}"
                 ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="white" if m[i, j] > hi * 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(history: list[dict], path: Path, *, title: str = "") -> Path:
@@ -58,7 +59,7 @@ def training_curves(history: list[dict], path: Path, *, title: str = "") -> Path
         a.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(images: list[np.ndarray], titles: list[str], path: Path, *, cols: int = 6, suptitle: str = "") -> Path:
@@ -73,7 +74,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], path: Path, *, cols:
         ax.set_title(t, fontsize=7)
     if suptitle:
         fig.suptitle(suptitle)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
@@ -89,4 +90,4 @@ def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability (ECE {ece:.3f})")
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -8,14 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from imgcls.report.plots import plt  # importing it selects the Agg backend: files only, no display
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from imgcls.report.plots import plt, save_figure  # importing it selects the Agg backend: files only, no display
 
 
 def accuracy_by_arm(rows: list[dict], seeds: dict[str, list[float]], path: Path, *, baseline: str, title: str = "") -> Path:
@@ -46,7 +39,7 @@ def accuracy_by_arm(rows: list[dict], seeds: dict[str, list[float]], path: Path,
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "test accuracy by arm: mean and 95% CI over seeds, dots = seeds; red = p < 0.05 vs baseline", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_delta(rows: list[dict], arms: list[str], classes: list[str], path: Path, *, baseline: str) -> Path:
@@ -69,7 +62,7 @@ def per_class_delta(rows: list[dict], arms: list[str], classes: list[str], path:
             ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_title(f"per-class accuracy change vs {baseline} (points, mean over seeds)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="points")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curves(curves_by_arm: dict[str, tuple[list[int], list[float], list[float], list[float]]], path: Path, *, key: str = "val_acc") -> Path:
@@ -89,4 +82,4 @@ def curves(curves_by_arm: dict[str, tuple[list[int], list[float], list[float], l
                  "arms that leave classes out are scored on the kept classes only", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
