@@ -194,15 +194,21 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return d
 
 
+def read_yaml(path: str | Path, *, what: str) -> Any:
+    """Parse a YAML (or JSON) file as data, never code; ``what`` names the file in errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ImgclsError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ImgclsError(f"{what} {p} is not valid YAML/JSON: {e}") from None
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """A YAML or JSON mapping of config keys (YAML is a superset of JSON)."""
     p = Path(path)
-    if not p.is_file():
-        raise ImgclsError(f"config file not found: {p}")
-    try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ImgclsError(f"config file {p} is not valid YAML/JSON: {e}") from None
+    d = read_yaml(p, what="config file")
     if d is None:
         return {}
     if not isinstance(d, dict):

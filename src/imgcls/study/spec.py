@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from imgcls import config as config_mod
-from imgcls.config import TrainConfig
+from imgcls.config import TrainConfig, read_yaml
 from imgcls.errors import ImgclsError
 
 TOP_KEYS = ("name", "data", "base", "seeds", "arms", "baseline", "panel_per_class", "panel_layer")
@@ -155,10 +154,5 @@ def parse_spec(raw: Any, *, spec_dir: Path, spec_path: str = "") -> Study:
 def load_spec(path: str | Path) -> Study:
     """Read and validate a study spec file."""
     p = Path(path)
-    if not p.is_file():
-        raise ImgclsError(f"study spec not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ImgclsError(f"study spec {p} is not valid YAML: {e}") from None
+    raw = read_yaml(p, what="study spec")
     return parse_spec(raw, spec_dir=p.resolve().parent, spec_path=str(p.resolve()))
