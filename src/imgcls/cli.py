@@ -11,6 +11,8 @@ from pathlib import Path
 from imgcls import __version__
 from imgcls import config as config_mod
 from imgcls.errors import ImgclsError
+from imgcls.explain import cli as explain_cli
+from imgcls.study import cli as study_cli
 
 HELP = {
     "data": "a folder (train/ and test/ splits, or class folders), a CSV of path,label[,split], or fashion-mnist",
@@ -26,7 +28,7 @@ HELP = {
     "tta": "flip test-time augmentation in evaluation",
     "patience": "early stopping after N epochs without a better val accuracy (0 = off)",
     "recipe": "none | fast-finetune (sets defaults; explicit flags win)",
-    "precision": "auto | fp32 | bf16 | fp16 (auto measures-by-model rules: see README)",
+    "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 where measured faster for the model and device; see README)",
     "channels_last": "auto | on | off",
     "device": "auto | cpu | cuda | cuda:N",
     "split_seed": "seed of the train/val/test carving (kept fixed across training seeds)",
@@ -85,20 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--epochs", type=int, default=None)
 
-    _add_later_commands(sub)
+    explain_cli.add_parser(sub)
+    study_cli.add_parser(sub)
     return parser
-
-
-def _add_later_commands(sub) -> None:
-    """Subcommands that live in their own modules register here."""
-    for module in ("imgcls.explain.cli", "imgcls.study.cli"):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.add_parser(sub)
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
