@@ -343,6 +343,17 @@ class Trainer:
             # validation reuses them too: the EMA copy's frozen stages equal the model's (lerp of equal values)
             self.val_features = feat_mod.FrozenFeatureCache.build(frozen, val_images, flip=False, on_batch=bar.advance, **common)
 
+    def _stop_requested(self, stop_flag: dict) -> bool:
+        """Whether to stop at this step. Under DDP the ranks agree first (a signal reaches them at slightly
+        different steps; a rank that stopped alone would leave the others waiting in an all-reduce)."""
+        local = stop_flag["signum"] is not None
+        if not self.rt.distributed:
+            return local
+        votes = rt_mod.all_reduce_sum(self.rt, torch.tensor(float(local), device=self.rt.device))
+        if votes.item() > 0 and stop_flag["signum"] is None:
+            stop_flag["signum"] = signal.SIGTERM  # another rank was signalled: stop with it
+        return votes.item() > 0
+
     # -- epochs ----------------------------------------------------------------------------------
 
     def train_epoch(self, stop_flag: dict) -> dict:
@@ -372,7 +383,7 @@ class Trainer:
                     bar.advance(len(idx) * self.rt.world, f"loss {float(loss):.3f}")
                 else:
                     bar.advance(len(idx) * self.rt.world)
-                if stop_flag["signum"] is not None and sync:
+                if sync and (i + 1) % check_every == 0 and self._stop_requested(stop_flag):
                     self._check_finite(loss_sum)
                     self.elapsed += time.perf_counter() - start
                     if self.rt.is_main:
@@ -461,7 +472,7 @@ class Trainer:
                     if self.rt.is_main:
                         progress.say(f"early stop: val_acc has not improved for {cfg.patience} epoch(s)")
                     break
-                if flag["signum"] is not None:
+                if self._stop_requested(flag):
                     raise Interrupted(flag["signum"], f"after epoch {self.epoch}")
         wall = time.perf_counter() - t0
         ips = [h["img_per_s"] for h in history if h.get("img_per_s")]
