@@ -181,8 +181,8 @@ def _decode_arrays(pool: Pool, *, size: int, source_id: str, root: Path) -> Deco
     assert pool.arrays is not None
     key = hashlib.blake2b(f"{CACHE_VERSION}|{size}|{source_id}|{pool.name}".encode(), digest_size=16).hexdigest()
     entry = root / "entries" / key
-    hashes = [hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest() for a in pool.arrays]
     if not (entry / "meta.json").is_file():
+        hashes = [hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest() for a in pool.arrays]
         if pool.arrays.shape[1] == size:
             images = pool.arrays
         else:
