@@ -8,7 +8,8 @@ import torchmetrics.functional.classification as tmf
 from torch import nn
 
 from imgcls.data.augment import to_float
-from imgcls.engine.runtime import autocast
+from imgcls.engine.runtime import autocast, inference_batch
+from imgcls.models.fold import folded_copy
 
 
 @torch.inference_mode()
@@ -20,18 +21,22 @@ def predict_logits(
     std: tuple[float, ...],
     device: torch.device,
     precision: str = "fp32",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     tta: bool = False,
     on_batch=None,
 ) -> torch.Tensor:
     """Logits (float32, CPU) for ``N x S x S x 3`` uint8 ``images``; ``tta`` averages with the flipped view.
 
-    The model is switched to eval mode for the call and restored afterwards.
+    The forward passes run on a copy of ``model`` with its batch norms folded when that copy checks out
+    (``models.fold``); the model is switched to eval mode for the call and restored afterwards.
     """
-    was_training = model.training
-    model.eval()
+    batch_size = batch_size or inference_batch(device)
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)
+    if len(images):
+        model = folded_copy(model, to_float(images[:2].to(device), mean_t, std_t)) or model
+    was_training = model.training
+    model.eval()
     out = []
     try:
         for start in range(0, len(images), batch_size):

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from imgcls import config as config_mod
 from imgcls import progress
 from imgcls.config import TrainConfig
-from imgcls.data import BatchAugment, PreparedData, prepare, summarize_report
+from imgcls.data import BatchAugment, PreparedData, prepare, summarize_report, to_float
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import features as feat_mod
 from imgcls.engine import runtime as rt_mod
@@ -321,11 +321,12 @@ class Trainer:
         """Run the frozen stages once over the training set (and its mirror images) when that applies."""
         if self.split is None or self.features is not None:
             return
-        frozen = self.split[0]
         mean = torch.tensor(self.mean, device=self.rt.device)
         std = torch.tensor(self.std, device=self.rt.device)
         flip = self.cfg.augment == "flip"
         self._train_mode()
+        probe = to_float(self.train_images[:2], mean, std)
+        frozen = feat_mod.fast_frozen(self.model, self.cfg.freeze, probe) or self.split[0]
         size = feat_mod.estimate_bytes(frozen, self.train_images, mean=mean, std=std, flip=flip, precision=self.precision)
         if size > feat_mod.MAX_BYTES:
             progress.say(f"frozen-stage features would take {size / 2**30:.1f} GiB; running the frozen stages every step")
@@ -333,7 +334,7 @@ class Trainer:
             return
         views = 2 if flip else 1
         common = dict(
-            mean=mean, std=std, channels_last=self.channels_last, batch_size=max(self.cfg.batch_size, 128),
+            mean=mean, std=std, channels_last=self.channels_last, batch_size=rt_mod.inference_batch(self.rt.device),
             precision=rt_mod.inference_precision(self.cfg.precision, self.precision, self.rt.device),
             dtype=torch.float32 if self.precision == "fp32" else torch.bfloat16 if self.precision == "bf16" else torch.float16,
         )

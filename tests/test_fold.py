@@ -1,0 +1,97 @@
+"""Batch-norm folding for inference: same outputs, original untouched, refused when the guess is wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from imgcls.engine import features as feat_mod
+from imgcls.engine.evaluate import predict_logits
+from imgcls.models import build_model, freeze_stages
+from imgcls.models.fold import fold_batchnorm_, folded_copy
+
+
+def _randomise_norms(model: nn.Module) -> None:
+    """Non-trivial running statistics and affine terms, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "mobilenetv3_small_050"])
+def test_folded_copy_matches_and_leaves_the_model_alone(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=4)
+    _randomise_norms(model)
+    freeze_stages(model, 2)  # a mix of train- and eval-mode submodules, as during a fine-tune
+    modes = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 40, 40)
+    fast = folded_copy(model, x[:2])
+    assert fast is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()), "every conv/norm pair folds in these models"
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    model.train()
+    freeze_stages(model, 2)
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class NormFirst(nn.Module):
+    """Registers conv then norm, but normalises the input before the conv: folding would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.conv(self.bn(x)).mean((2, 3))
+
+
+def test_a_fold_that_changes_the_output_is_refused():
+    model = NormFirst()
+    _randomise_norms(model)
+    assert fold_batchnorm_(NormFirst()) == 1  # the registration-order guess does match here...
+    assert folded_copy(model, torch.randn(2, 3, 8, 8)) is None  # ...and the check catches that it is wrong
+
+
+def test_nothing_to_fold_gives_none():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten())
+    assert folded_copy(model, torch.randn(1, 3, 8, 8)) is None
+
+
+def test_predict_logits_folded_equals_the_plain_forward():
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", num_classes=5)
+    _randomise_norms(model)
+    images = torch.randint(0, 256, (37, 32, 32, 3), dtype=torch.uint8)  # not a multiple of the batch size
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    got = predict_logits(model, images, mean=mean, std=std, device=torch.device("cpu"), tta=True)
+    model.eval()
+    with torch.no_grad():
+        x = (images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        want = ((model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2).log()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_frozen_gives_the_frozen_stages_output():
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", num_classes=3)
+    _randomise_norms(model)
+    freeze_stages(model, 4)
+    x = torch.randn(2, 3, 32, 32)
+    fast = feat_mod.fast_frozen(model, 4, x)
+    assert fast is not None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), feat_mod.split_forward(model, 4)[0](x), rtol=1e-4, atol=1e-4)
