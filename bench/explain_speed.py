@@ -15,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 os.environ.setdefault("IMGCLS_QUIET", "1")

@@ -117,7 +117,6 @@ def measure(name: str, data, args) -> dict:
         for mode in order:
             rates[mode].append(chunk(mode, args.steps))
         print(f"  {name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in MODES), flush=True)
-    del base
     med = {m: statistics.median(v) for m, v in rates.items()}
     return {
         "model": name,
