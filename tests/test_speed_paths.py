@@ -1,6 +1,11 @@
-"""Batch-norm folding for inference: same outputs, original untouched, refused when the guess is wrong."""
+"""Speed paths that must not change results: batch-norm folding for inference, the malloc setting."""
 
 from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,3 +100,14 @@ def test_fast_frozen_gives_the_frozen_stages_output():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(fast(x), feat_mod.split_forward(model, 4)[0](x), rtol=1e-4, atol=1e-4)
+
+
+def test_keep_freed_memory_takes_effect_once_and_can_be_declined():
+    """A child process each: malloc settings are per process."""
+    code = "from imgcls.engine.runtime import keep_freed_memory as k; print(k(), k())"
+    kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    expected = str(platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert kept == [expected, expected]
+    env = os.environ | {"IMGCLS_MALLOC": "default"}
+    declined = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert declined == ["False", "False"]
