@@ -45,52 +45,57 @@ CONFIGS = {
 MODES = ("baseline", "imgcls", "ready")
 
 
-def make_trainer(name: str, data, *, batch_size: int, precision: str, augment: str, run_dir: Path) -> Trainer:
+def make_trainer(name: str, data, *, batch_size: int, precision: str, augment: str, run_dir: Path, device: str = "cpu") -> Trainer:
     cfg = config_mod.from_dict(
         {
             "data": baseline_loop.DATA.as_posix(), "img_size": 150, **CONFIGS[name], "freeze": 0,
             "batch_size": batch_size, "precision": precision, "channels_last": "on", "augment": augment,
-            "ema": 0.0, "epochs": 3, "device": "cpu",
+            "ema": 0.0, "epochs": 3, "device": device,
         }
     )
-    return Trainer(cfg, run_dir, data, rt_mod.setup("cpu"))
+    return Trainer(cfg, run_dir, data, rt_mod.setup(device, distributed=False))
 
 
-def engine_step(tr: Trainer, idx: torch.Tensor) -> None:
-    """One step exactly as Trainer.train_epoch takes it on a CPU (finite check every step there)."""
+def engine_step(tr: Trainer, idx: torch.Tensor, i: int) -> None:
+    """One step exactly as Trainer.train_epoch takes it (finite check every step on a CPU, every 25 on a GPU)."""
     loss, _ = tr._forward_backward(idx, sync=True)
-    tr._check_finite(loss)
+    if tr.rt.device.type == "cpu" or (i + 1) % 25 == 0:
+        tr._check_finite(loss)
     tr._optimizer_step()
 
 
-def ready_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+def ready_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, i: int) -> None:
     """The same step with the data path removed: the batch is already augmented float, channels_last."""
     with rt_mod.autocast(tr.rt.device, tr.precision):
         logits = tr.model(x)
         loss = tr.criterion(logits.float(), y)
     tr.scaler.scale(loss).backward()
     (logits.detach().argmax(1) == y).sum()
-    tr._check_finite(loss.detach())
+    if tr.rt.device.type == "cpu" or (i + 1) % 25 == 0:
+        tr._check_finite(loss.detach())
     tr._optimizer_step()
 
 
 def measure(name: str, data, args) -> dict:
     bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        tr = make_trainer(name, data, batch_size=bs, precision=args.precision, augment=args.augment, run_dir=Path(tmp))
+        tr = make_trainer(name, data, batch_size=bs, precision=args.precision, augment=args.augment, run_dir=Path(tmp),
+                          device=args.device)
     tr._train_mode()
-    batches = _batches(epoch_order(0, 0, len(data.train), tr.rt), bs)
+    batches = _batches(epoch_order(0, 0, len(data.train), tr.rt).to(tr.rt.device), bs)
     # ready tensors: a few distinct batches augmented up front by the engine's own augmentation
     ready = []
     with torch.no_grad():
         for idx in batches[: args.ready_batches]:
             ready.append((tr.augment(tr.train_images[idx], tr.aug_gen), tr.train_labels[idx]))
-    base = baseline_loop.build(
+    modes = tuple(m for m in MODES if m != "baseline" or not args.skip_baseline)
+    base = None if args.skip_baseline else baseline_loop.build(
         CONFIGS[name]["model"], pretrained=CONFIGS[name]["pretrained"], batch_size=bs, epochs=3,
         rotate=args.augment == "flip-rotate", precision=args.precision,
     )
-    discard = 2 * base.train_loader.num_workers
+    discard = 2 * base.train_loader.num_workers if base is not None else 0
     pos = {"imgcls": 0, "ready": 0}
+    cuda = tr.rt.device.type == "cuda"
 
     def chunk(mode: str, steps: int) -> float:
         """Run ``steps`` timed steps of ``mode``; returns images per second."""
@@ -99,24 +104,29 @@ def measure(name: str, data, args) -> dict:
             t = time.perf_counter()
             baseline_loop.train_steps(base, steps)
             return steps * bs / (time.perf_counter() - t)
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(steps):
             i = pos[mode]
             pos[mode] += 1
             if mode == "imgcls":
-                engine_step(tr, batches[i % len(batches)])
+                engine_step(tr, batches[i % len(batches)], i)
             else:
-                ready_step(tr, *ready[i % len(ready)])
+                ready_step(tr, *ready[i % len(ready)], i)
+        if cuda:
+            torch.cuda.synchronize()  # a GPU runs ahead of the host: time the work, not its queueing
         return steps * bs / (time.perf_counter() - t)
 
-    for mode in MODES:  # warm-up: first-call costs, allocator, worker start
+    for mode in modes:  # warm-up: first-call costs, allocator, worker start, cudnn autotuning
         chunk(mode, args.warmup)
-    rates: dict[str, list[float]] = {m: [] for m in MODES}
+    rates: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds):
-        order = MODES[r % 3 :] + MODES[: r % 3]  # rotate who goes first
+        k = r % len(modes)
+        order = modes[k:] + modes[:k]  # rotate who goes first
         for mode in order:
             rates[mode].append(chunk(mode, args.steps))
-        print(f"  {name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in MODES), flush=True)
+        print(f"  {name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in modes), flush=True)
     med = {m: statistics.median(v) for m, v in rates.items()}
     return {
         "model": name,
@@ -124,7 +134,7 @@ def measure(name: str, data, args) -> dict:
         "img_per_s": med,
         "chunks": rates,
         "imgcls_over_ready": med["imgcls"] / med["ready"],
-        "imgcls_over_baseline": med["imgcls"] / med["baseline"],
+        "imgcls_over_baseline": med["imgcls"] / med["baseline"] if "baseline" in med else None,
     }
 
 
@@ -136,8 +146,11 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--augment", default="flip-rotate", choices=["flip", "flip-rotate"],
                    help="flip-rotate matches the baseline's RandomHorizontalFlip + RandomRotation(15)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the baseline loop always feeds from CPU workers)")
+    p.add_argument("--skip-baseline", action="store_true", help="only imgcls and ready tensors (e.g. a GPU check)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per chunk (default 8, --quick 3)")
     args = p.parse_args()
-    args.rounds, args.steps, args.warmup = (2, 3, 2) if args.quick else (3, 8, 3)
+    args.rounds, args.steps, args.warmup = (2, args.steps or 3, 2) if args.quick else (3, args.steps or 8, 3)
     args.ready_batches = 8
     torch.manual_seed(0)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -145,7 +158,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(CONFIGS)}")
     data = prepare(config_mod.from_dict({"data": baseline_loop.DATA.as_posix(), "img_size": 150}))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, {args.precision} "
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, {args.precision} "
           f"channels_last, augment {args.augment}, {args.rounds} rounds x {args.steps} steps per mode", flush=True)
     results = [measure(n, data, args) for n in names]
     print()
@@ -153,10 +166,11 @@ def main() -> None:
     for r in results:
         ips = r["img_per_s"]
         label = r["model"] + (" (fine-tune)" if r["pretrained"] else " (scratch)")
-        print(f"{label:<31} {ips['baseline']:>9.1f} {ips['imgcls']:>9.1f} {ips['ready']:>9.1f}   "
-              f"{r['imgcls_over_ready']:>12.3f} {r['imgcls_over_baseline']:>15.2f}")
+        base_s = f"{ips['baseline']:>9.1f}" if "baseline" in ips else f"{'-':>9}"
+        over_s = f"{r['imgcls_over_baseline']:>15.2f}" if r["imgcls_over_baseline"] is not None else f"{'-':>15}"
+        print(f"{label:<31} {base_s} {ips['imgcls']:>9.1f} {ips['ready']:>9.1f}   {r['imgcls_over_ready']:>12.3f} {over_s}")
     print("(img/s, medians over alternating chunks in this one run; ready = same step on pre-augmented tensors)")
-    print(json.dumps({"bench": "train_throughput", "batch_size": args.batch_size, "precision": args.precision,
+    print(json.dumps({"bench": "train_throughput", "device": args.device, "batch_size": args.batch_size, "precision": args.precision,
                       "augment": args.augment, "quick": args.quick, "results": results}))
 
 
