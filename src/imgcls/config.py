@@ -102,11 +102,12 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "none": {},
     # Measured on the 2-core CPU (intel-scenes at 150 px): pretrained Lite0 with stem + blocks 0-4 frozen, so
     # blocks 5-6 and the head train, on features computed once; short cosine schedule, EMA of the weights,
-    # flip TTA. Three seeds of this recipe: 93.1, 92.5, 93.4 % test accuracy (best-val checkpoint), each
-    # under 5 minutes wall with decoding (bench/time_to_accuracy.py; the PIL/DataLoader loop: 90.1 % after
-    # 615 s). Tried at seed 0 and not taken: lr 2e-3 for 3 epochs 92.1 %, 1e-3 for 5 epochs 90.9 %, 4e-3
-    # 92.8 %, 1e-2 92.9 %; no label smoothing 92.4 %; 6 epochs 93.0 %; freeze 5 (blocks 4-6 train, 2x the
-    # time per epoch) 92.1 % at 3 epochs; 224 px (2.2x the time) 92.4 % at 3 epochs; freeze 7, 6 epochs 91.7 %.
+    # flip TTA. Three seeds of this recipe: 93.1, 92.5, 93.4 % test accuracy (best-val checkpoint); seed 0
+    # from an empty decode cache took 214 s wall by the CLI (bench/time_to_accuracy.py: 93 % after 152 s;
+    # the PIL/DataLoader loop side by side: 90.3 % after 772 s). Tried at seed 0 and not taken: lr 2e-3 for 3
+    # epochs 92.1 %, 1e-3 for 5 epochs 90.9 %, 4e-3 92.8 %, 1e-2 92.9 %; no label smoothing 92.4 %; 6 epochs
+    # 93.0 %; freeze 5 (blocks 4-6 train, 2x the time per epoch) 92.1 % at 3 epochs; 224 px (2.2x the time)
+    # 92.4 % at 3 epochs; freeze 7, 6 epochs 91.7 %.
     "fast-finetune": {
         "model": "efficientnet_lite0",  # its ImageNet weights ship in a package: no network needed
         "pretrained": True,
