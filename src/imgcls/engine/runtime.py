@@ -48,8 +48,8 @@ def keep_freed_memory() -> bool:
     By default every block over 128 KiB-32 MiB is its own mmap, unmapped when freed, so each training step
     maps its activations and augmented batch afresh and the kernel zero-fills every page on first touch:
     3.5 M page faults and 6 s of system time in 25 s of ResNet-18@150 training on the 2-core machine.
-    With mmap off for the heap (``M_MMAP_MAX`` 0) and no trimming, the same loop ran 1.08-1.18x faster
-    (bench/allocator.py); the process keeps its peak size (+0.1 GB there), which training reaches anyway.
+    With mmap off for the heap (``M_MMAP_MAX`` 0) and no trimming, that loop ran 1.17x faster and a full
+    Lite0 fine-tune in fp32 1.34x (bench/allocator.py); the process keeps its peak size (+0.1-0.5 GB there).
     glibc on Linux only (what jemalloc or tcmalloc via ``LD_PRELOAD`` would also fix); once per process;
     ``IMGCLS_MALLOC=default`` leaves malloc alone. Returns whether the settings are in effect."""
     if _ALLOCATOR_TUNED:
