@@ -111,3 +111,10 @@ def test_keep_freed_memory_takes_effect_once_and_can_be_declined():
     env = os.environ | {"IMGCLS_MALLOC": "default"}
     declined = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
     assert declined == ["False", "False"]
+
+
+def test_an_already_folded_model_is_not_copied_again():
+    model = build_model("resnet18", num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    fast = folded_copy(model, x)
+    assert fast is not None and folded_copy(fast, x) is None

@@ -17,6 +17,7 @@ from imgcls.data import Split, prepare_eval
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine.evaluate import (
     classification_metrics,
+    inference_model,
     most_confused,
     open_set_analysis,
     predict_logits,
@@ -160,13 +161,16 @@ def predict_command(run_dir: Path, inputs: list[str], out: Path | None, *, topk:
     rows: list[dict] = []
     skipped: list[dict] = []
     chunk = 256  # bounded memory for large folders
+    model = None  # folded once, on the first chunk with images (predict_logits would fold a copy per call)
     with progress.task("predicting", len(paths)) as bar:
         for start in range(0, len(paths), chunk):
             images, ok, bad = load_images(paths[start : start + chunk], loaded.img_size)
             skipped.extend(bad)
             if len(ok):
+                if model is None:
+                    model = inference_model(loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device)
                 logits = predict_logits(
-                    loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device,
+                    model, images, mean=loaded.mean, std=loaded.std, device=loaded.device,
                     precision=loaded.precision, tta=loaded.config.tta,
                 )
                 top = logits.softmax(1).topk(k, dim=1)

@@ -12,6 +12,15 @@ from imgcls.engine.runtime import autocast, inference_batch
 from imgcls.models.fold import folded_copy
 
 
+def inference_model(model: nn.Module, images: torch.Tensor, *, mean, std, device: torch.device) -> nn.Module:
+    """``model`` with its batch norms folded (``models.fold``), checked on the first two ``images``; the model
+    itself when nothing folds, the check fails, or it is already folded (then no copy is made)."""
+    if not len(images):
+        return model
+    probe = to_float(images[:2].to(device), torch.tensor(mean, device=device), torch.tensor(std, device=device))
+    return folded_copy(model, probe) or model
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
@@ -33,8 +42,7 @@ def predict_logits(
     batch_size = batch_size or inference_batch(device)
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)
-    if len(images):
-        model = folded_copy(model, to_float(images[:2].to(device), mean_t, std_t)) or model
+    model = inference_model(model, images, mean=mean, std=std, device=device)
     was_training = model.training
     model.eval()
     out = []

@@ -65,6 +65,8 @@ def folded_copy(model: nn.Module, probe: torch.Tensor, *, rtol: float = 1e-3) ->
     """An eval-mode copy of ``model`` with its batch norms folded, or None when nothing folds or the copy's
     output on ``probe`` (a small batch of normalised inputs) differs from the original's by more than
     ``rtol`` of its scale. ``model`` itself is not changed (each submodule's train/eval mode is restored)."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return None  # nothing to fold (already folded, or norm none): no copy made
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
