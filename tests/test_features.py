@@ -51,7 +51,7 @@ def test_cached_features_train_like_the_frozen_stages(split_root, tmp_path, monk
     monkeypatch.setattr(feat_mod.FrozenFeatureCache, "build", spy)
     # the frozen stages as they are, not batch-norm-folded (algebraically equal, not bit-equal; folding has
     # its own tests): so the cached run differs from the plain one by summation order alone
-    monkeypatch.setattr(feat_mod, "fast_frozen", lambda *a: None)
+    monkeypatch.setattr(train_mod, "inference_model", lambda model, *a, **kw: model)
     train(_cfg(split_root), run_dir=tmp_path / "cached")
     assert built, "the feature cache was not used"
     monkeypatch.setattr(feat_mod, "split_forward", lambda model, n: None)

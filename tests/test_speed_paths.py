@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from imgcls.engine import features as feat_mod
-from imgcls.engine.evaluate import predict_logits
+from imgcls.engine.evaluate import inference_model, predict_logits
 from imgcls.models import build_model, freeze_stages
 from imgcls.models.fold import fold_batchnorm_, folded_copy
 
@@ -89,17 +89,19 @@ def test_predict_logits_folded_equals_the_plain_forward():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_frozen_gives_the_frozen_stages_output():
+def test_frozen_stages_of_the_folded_copy_give_the_frozen_stages_output():
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", num_classes=3)
     _randomise_norms(model)
     freeze_stages(model, 4)
-    x = torch.randn(2, 3, 32, 32)
-    fast = feat_mod.fast_frozen(model, 4, x)
-    assert fast is not None
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    fast = inference_model(model, images, mean=(0.5,) * 3, std=(0.25,) * 3, device=torch.device("cpu"))
+    assert fast is not model
+    x = (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), feat_mod.split_forward(model, 4)[0](x), rtol=1e-4, atol=1e-4)
+        got = feat_mod.split_forward(fast, 4)[0](x)
+        torch.testing.assert_close(got, feat_mod.split_forward(model, 4)[0](x), rtol=1e-4, atol=1e-4)
 
 
 def test_keep_freed_memory_takes_effect_once_and_can_be_declined():

@@ -23,7 +23,6 @@ from torch import nn
 
 from imgcls.data.augment import to_float
 from imgcls.engine.runtime import autocast
-from imgcls.models.fold import folded_copy
 
 # Above this the cache is not built and training runs the frozen stages every step as usual.
 MAX_BYTES = 6 * 2**30
@@ -70,15 +69,6 @@ def split_forward(model: nn.Module, n_frozen: int) -> tuple[Callable, Callable] 
 
         return frozen, rest
     return None
-
-
-def fast_frozen(model: nn.Module, n_frozen: int, probe: torch.Tensor) -> Callable | None:
-    """The frozen part of a copy of ``model`` with its batch norms folded (``models.fold``; the frozen stages
-    are in eval mode, so folding computes the same features with one pass less over each activation map),
-    or None when no checked folded copy exists. ``probe``: a couple of normalised inputs."""
-    fast = folded_copy(model, probe)
-    split = split_forward(fast, n_frozen) if fast is not None else None
-    return split[0] if split is not None else None
 
 
 class FrozenFeatureCache:
@@ -167,4 +157,4 @@ def estimate_bytes(frozen: Callable, images: torch.Tensor, *, mean, std, flip: b
     return f.numel() * f.element_size() * len(images) * (2 if flip else 1)
 
 
-__all__ = ["FrozenFeatureCache", "split_forward", "fast_frozen", "predict_rest", "estimate_bytes", "AUGMENTS", "MAX_BYTES"]
+__all__ = ["FrozenFeatureCache", "split_forward", "predict_rest", "estimate_bytes", "AUGMENTS", "MAX_BYTES"]

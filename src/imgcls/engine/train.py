@@ -29,11 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from imgcls import config as config_mod
 from imgcls import progress
 from imgcls.config import TrainConfig
-from imgcls.data import BatchAugment, PreparedData, prepare, summarize_report, to_float
+from imgcls.data import BatchAugment, PreparedData, prepare, summarize_report
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import features as feat_mod
 from imgcls.engine import runtime as rt_mod
-from imgcls.engine.evaluate import predict_logits
+from imgcls.engine.evaluate import inference_model, predict_logits
 from imgcls.engine.runtime import Runtime
 from imgcls.errors import ImgclsError
 from imgcls.models import build_model, check_model_name, data_stats, freeze_stages
@@ -325,8 +325,9 @@ class Trainer:
         std = torch.tensor(self.std, device=self.rt.device)
         flip = self.cfg.augment == "flip"
         self._train_mode()
-        probe = to_float(self.train_images[:2], mean, std)
-        frozen = feat_mod.fast_frozen(self.model, self.cfg.freeze, probe) or self.split[0]
+        # the frozen stages of a batch-norm-folded copy when it checks out (they are in eval mode): same features
+        fast = inference_model(self.model, self.train_images, mean=self.mean, std=self.std, device=self.rt.device)
+        frozen = feat_mod.split_forward(fast, self.cfg.freeze)[0] if fast is not self.model else self.split[0]
         size = feat_mod.estimate_bytes(frozen, self.train_images, mean=mean, std=std, flip=flip, precision=self.precision)
         if size > feat_mod.MAX_BYTES:
             progress.say(f"frozen-stage features would take {size / 2**30:.1f} GiB; running the frozen stages every step")
