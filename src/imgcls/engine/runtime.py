@@ -9,6 +9,7 @@ private interface (torchrun's ``--rdzv-endpoint``/``--master-addr``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import random
@@ -39,9 +40,7 @@ class Runtime:
         return self.world > 1
 
 
-_ALLOCATOR_TUNED: list[bool] = []
-
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory in the process instead of handing it back to the OS.
 
@@ -52,18 +51,14 @@ def keep_freed_memory() -> bool:
     Lite0 fine-tune in fp32 1.34x (bench/allocator.py); the process keeps its peak size (+0.1-0.5 GB there).
     glibc on Linux only (what jemalloc or tcmalloc via ``LD_PRELOAD`` would also fix); once per process;
     ``IMGCLS_MALLOC=default`` leaves malloc alone. Returns whether the settings are in effect."""
-    if _ALLOCATOR_TUNED:
-        return _ALLOCATOR_TUNED[0]
-    ok = False
-    if os.environ.get("IMGCLS_MALLOC", "") != "default" and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-            ok = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-        except (OSError, AttributeError):
-            ok = False
-    _ALLOCATOR_TUNED.append(ok)
-    return ok
+    if os.environ.get("IMGCLS_MALLOC", "") == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def setup(device: str = "auto", *, distributed: bool = True) -> Runtime:
