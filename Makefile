@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromedriver
 
-.PHONY: demo test install fashion-mnist bench clean
+.PHONY: demo test install fashion-mnist browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +20,16 @@ $(FMNIST):
 
 fashion-mnist: $(FMNIST)
 
+# headless Chromium + its driver for the report page tests (Debian's packages; nothing downloads a browser)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver
+
+browser: $(CHROMIUM)
+
 demo: install fashion-mnist
 	$(VENV)/bin/imgcls demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 bench: install
