@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -16,7 +16,8 @@ from imgcls.study import cli as study_cli
 
 HELP = {
     "data": "a folder (train/ and test/ splits, or class folders), a CSV of path,label[,split], or fashion-mnist",
-    "img_size": "square input size in pixels (0 = the data's most common size, at most 224)",
+    "img_size": "square input size in pixels (0 = the data's most common size, at most --max-img-size)",
+    "max_img_size": "ceiling of the automatic input size (224; 160 under fast-finetune)",
     "exclude_classes": "comma-separated class names to leave out of training and evaluation",
     "model": "any timm model name (resnet18, resnet50, efficientnet_lite0, ...)",
     "pretrained": "start from ImageNet weights (efficientnet_lite0: shipped in a package, no network needed)",
@@ -27,7 +28,8 @@ HELP = {
     "ema": "EMA decay of the weights (e.g. 0.998); 0 = off",
     "tta": "flip test-time augmentation in evaluation",
     "patience": "early stopping after N epochs without a better val accuracy (0 = off)",
-    "recipe": "none | fast-finetune (sets defaults; explicit flags win)",
+    "recipe": "none | fast-finetune (sets defaults; explicit flags win). With neither --model nor --recipe, "
+    "train uses fast-finetune; --recipe none (or naming a --model) trains from scratch",
     "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 where measured faster for the model and device; see README)",
     "channels_last": "auto | on | off",
     "device": "auto | cpu | cuda | cuda:N",
@@ -113,6 +115,7 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from imgcls.engine.train import Interrupted
     from imgcls.runs import train_and_evaluate
 
     if args.resume:
@@ -130,13 +133,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         flags = _explicit_flags(args)
         if args.data is not None:
             flags["data"] = args.data
-        cfg = config_mod.resolve(flags=flags, file=args.config, sets=args.set)
+        stated = config_mod.stated(flags=flags, file=args.config, sets=args.set)
+        cfg = config_mod.resolve(flags=flags, file=args.config, sets=args.set, default_recipe=config_mod.DEFAULT_RECIPE)
         if not cfg.data:
             raise ImgclsError("no data: give DATA (a folder, a CSV or fashion-mnist), or data: in --config")
-        run_dir = args.out or Path("runs") / f"{Path(cfg.data).name}-{cfg.model}"
-    summary = train_and_evaluate(cfg, run_dir=run_dir, resume=args.resume)
+        run_dir = args.out or Path("runs") / f"{Path(cfg.data).resolve().name or 'data'}-{cfg.model}"
+        if "model" not in stated and "recipe" not in stated:
+            from imgcls import progress
+
+            progress.say(
+                f"recipe {cfg.recipe}: {'pretrained ' if cfg.pretrained else ''}{cfg.model}, {cfg.epochs} epochs (no --model or --recipe given); "
+                "to train from scratch instead: --model resnet18, or --recipe none"
+            )
+    try:
+        summary = train_and_evaluate(cfg, run_dir=run_dir, resume=args.resume)
+    except Interrupted as e:
+        e.resume_command = f"imgcls train --resume --out {shlex.quote(str(run_dir))}"
+        raise
     _print_summary(summary, run_dir)
+    progress_next(run_dir)
     return 0
+
+
+def progress_next(run_dir: Path) -> None:
+    """The commands to copy next, with the real run folder."""
+    from imgcls import progress
+
+    q = shlex.quote(str(run_dir))
+    progress.say(f"next: imgcls eval {q}   |   imgcls predict {q} IMAGE...   |   imgcls explain {q} IMAGE...")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -199,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     progress.say(f"demo: {cfg.model} on Fashion-MNIST at {cfg.img_size}px for {cfg.epochs} epochs")
     summary = train_and_evaluate(cfg, run_dir=args.out)
     _print_summary(summary, args.out)
-    progress.say(f"next: imgcls eval {args.out}   |   imgcls predict {args.out} IMAGE...")
+    progress_next(args.out)
     return 0
 
 
@@ -216,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgcls: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"imgcls: {e}; a resumable checkpoint was saved (continue with: imgcls train --resume --out RUN)", file=sys.stderr)
+        again = getattr(e, "resume_command", None) or "the same command"
+        print(f"imgcls: {e}; a resumable checkpoint was saved (continue with: {again})", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("imgcls: interrupted", file=sys.stderr)

@@ -40,14 +40,14 @@ class PreparedData:
     report: dict = field(default_factory=dict)
 
 
-def auto_img_size(disc: Discovery) -> int:
-    """The most common longer side among the first images, capped at 224 (a cheap header read)."""
+def auto_img_size(disc: Discovery, *, cap: int = 224) -> int:
+    """The most common longer side among the first images, at most ``cap`` (a cheap header read)."""
     pool = next(iter(disc.pools.values()))
     sizes = peek_sizes(pool)
     if not sizes:
-        return 224
+        return cap
     (w, h), _ = sizes.most_common(1)[0]
-    return int(min(max(w, h), 224))
+    return int(min(max(w, h), cap))
 
 
 def _decode_all(disc: Discovery, size: int, max_bad: float) -> dict[str, DecodedPool]:
@@ -100,7 +100,7 @@ def _assign(disc: Discovery, pools: dict[str, DecodedPool], cfg: TrainConfig) ->
 def prepare(cfg: TrainConfig) -> PreparedData:
     """Discover, verify and decode ``cfg.data``; fix the class map from the training split."""
     disc = discover(cfg.data)
-    size = cfg.img_size or auto_img_size(disc)
+    size = cfg.img_size or auto_img_size(disc, cap=cfg.max_img_size)
     pools = _decode_all(disc, size, cfg.max_bad_fraction)
     assignment = _assign(disc, pools, cfg)
 
