@@ -36,7 +36,7 @@ def child(name: str, precision: str, seconds: float, keep: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images = torch.randint(0, 256, (64, 150, 150, 3), dtype=torch.uint8)
     labels = torch.randint(0, 6, (64,))
-    augment = BatchAugment("flip-rotate", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    augment = BatchAugment("flip-rotate", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device="cpu")
     g = torch.Generator().manual_seed(0)
 
     def step():

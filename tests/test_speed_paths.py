@@ -13,6 +13,7 @@ from torch import nn
 
 from imgcls.engine import features as feat_mod
 from imgcls.engine.evaluate import inference_model, predict_logits
+from imgcls.engine.runtime import choose_precision
 from imgcls.models import build_model, freeze_stages
 from imgcls.models.fold import fold_batchnorm_, folded_copy
 
@@ -120,3 +121,62 @@ def test_an_already_folded_model_is_not_copied_again():
     x = torch.randn(2, 3, 32, 32)
     fast = folded_copy(model, x)
     assert fast is not None and folded_copy(fast, x) is None
+
+
+class FlagRecorder(nn.Module):
+    """Notes the TF32 settings in force each time it runs (inside the model, so during the fold's probe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x):
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return x
+
+
+def test_the_fold_probe_runs_without_tf32_and_restores_the_settings():
+    # With TF32 (on for GPU training, cuDNN's default for convolutions) the probe's two forwards differ by
+    # ~1e-3 relative per layer and a sound fold would be refused. A CPU computes in fp32 either way, so
+    # what is checked here is that the probe runs with TF32 off and leaves the run's settings as they were.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), FlagRecorder(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    _randomise_norms(model)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        fast = folded_copy(model, torch.randn(2, 3, 8, 8))
+        assert fast is not None
+        assert model[2].seen == [(False, False)] and fast[2].seen == [(False, False)]
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_precision_auto_on_cuda_follows_native_bf16():
+    # bf16 is native from compute capability 8.0 (A100, H100, H200); V100 (7.0) and T4 (7.5) emulate it,
+    # and torch.cuda.is_bf16_supported() says yes there too: they get fp16 (with a GradScaler in training).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    cuda = torch.device("cuda")
+    for capability, want in [((6, 1), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")]:
+        assert choose_precision("auto", model, cuda, 150, capability=capability) == want, capability
+    assert choose_precision("bf16", model, cuda, 150, capability=(7, 0)) == "bf16"  # asked for, given
+
+
+def test_predict_logits_copies_to_the_host_once():
+    # a .cpu() per batch is a device sync per batch on a GPU
+    from torch.overrides import TorchFunctionMode
+
+    class CountCopies(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "cpu":
+                CountCopies.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = build_model("resnet18", num_classes=3)
+    images = torch.randint(0, 256, (37, 32, 32, 3), dtype=torch.uint8)
+    with CountCopies():
+        logits = predict_logits(model, images, mean=(0.5,) * 3, std=(0.25,) * 3, device=torch.device("cpu"), batch_size=8)
+    assert logits.shape == (37, 3) and CountCopies.n == 1

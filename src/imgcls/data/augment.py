@@ -9,10 +9,16 @@ statistics against the per-image torchvision presets.
 
 Input: ``B x S x S x 3`` uint8 (the cache layout). Output: ``B x 3 x S x S`` float32 in channels_last
 memory, normalised with the model's mean/std.
+
+On a GPU the step must neither stall nor disturb other random streams: every random draw names the
+device of the batch and uses the run's augmentation generator (which lives on that device; a draw without
+``device=`` lands on the CPU, which a CUDA generator refuses), the normalisation constants are device
+tensors made once in the constructor, and nothing reads a device value back to the host.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -23,8 +29,11 @@ PRESETS = ("none", "flip", "flip-rotate", "rrc", "randaugment", "strong")
 
 def to_float(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 ``B x H x W x 3`` -> normalised float ``B x 3 x H x W`` (channels_last memory, no copy of layout)."""
+    return _normalise(x, *_norm_coefficients(mean, std))
+
+
+def _normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # one pass over the batch: x * (1 / (255 std)) - mean / std, the uint8 read and promoted in the kernel
-    scale, shift = _norm_coefficients(mean, std)
     return torch.addcmul(shift, x.permute(0, 3, 1, 2), scale)
 
 
@@ -38,15 +47,33 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.dev
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
-class BatchAugment:
-    """Callable ``(uint8 batch, generator) -> float batch`` for one preset."""
+def host_seed(g: torch.Generator) -> int:
+    """A seed for choices made on the host (which RandAugment op to run), taken from ``g``'s state.
 
-    def __init__(self, preset: str, *, mean: tuple[float, ...], std: tuple[float, ...], rotate_deg: float = 15.0):
+    Drawing it from ``g`` would need a device-to-host copy (a sync) when ``g`` is a CUDA generator; its
+    state, though, is host memory (Philox seed and offset on CUDA, the Mersenne Twister on a CPU). The
+    state advances with every draw from ``g``, and a resumed run restores it, so the choices replay."""
+    digest = hashlib.blake2b(g.get_state().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class BatchAugment:
+    """Callable ``(uint8 batch, generator) -> float batch`` for one preset, for batches on ``device``
+    (where its constants live) drawn with a generator on that device."""
+
+    def __init__(
+        self, preset: str, *, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str,
+        rotate_deg: float = 15.0,
+    ):
+        # device has no default: a caller that forgot it would fail on the first GPU batch, not in a CPU test
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}")
         self.preset = preset
-        self.mean = torch.tensor(mean, dtype=torch.float32)
-        self.std = torch.tensor(std, dtype=torch.float32)
+        # made once, on the device: a .to(device) per step is a host-to-device copy per step on a GPU
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = _norm_coefficients(self.mean, self.std)
+        self.device = self.mean.device  # with the index filled in ("cuda" -> "cuda:0")
         self.rotate_deg = rotate_deg
         self._randaugment = None
         if preset == "randaugment":
@@ -85,20 +112,24 @@ class BatchAugment:
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, device = x.shape[0], x.device
+        if device != self.device or g.device != device:
+            raise ValueError(
+                f"BatchAugment holds its constants on {self.device}; the batch is on {device} and the generator on "
+                f"{g.device}: all three must agree (build it with device=..., the generator with torch.Generator(device=...))"
+            )
         if self._randaugment is not None:
-            # one random op pair per chunk of 8 images: parameters vary across the batch at small cost
-            # v2 draws from the global RNG: seed a forked copy from our generator so runs stay reproducible
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            # One random op pair per chunk of 8 images: parameters vary across the batch at small cost.
+            # v2 chooses ops from the process's CPU generator: run it on a forked copy of that generator,
+            # seeded from ours, so runs replay and the process's own streams (CPU and CUDA) stay untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.random.default_generator.manual_seed(host_seed(g))
                 x = torch.cat([self._randaugment(c) for c in x.permute(0, 3, 1, 2).split(8)]).permute(0, 2, 3, 1)
-        mean, std = self.mean.to(device), self.std.to(device)
         if self.preset == "none":
-            return to_float(x, mean, std)
+            return _normalise(x, self.scale, self.shift)
         if self.preset in ("flip", "randaugment"):
             # flip the uint8 pixels (W is dim 2 of B x H x W x 3): a quarter of the bytes of a float flip
             flip = torch.rand(b, generator=g, device=device) < 0.5
-            return to_float(torch.where(flip.view(b, 1, 1, 1), x.flip(2), x), mean, std)
+            return _normalise(torch.where(flip.view(b, 1, 1, 1), x.flip(2), x), self.scale, self.shift)
         theta = self._affine(b, g, device)
         _, h, w, _ = x.shape
         # Resample the raw pixel values, normalise afterwards (both are linear, so the order is free):
@@ -107,9 +138,8 @@ class BatchAugment:
         pixels = torch.empty((b, 3, h, w), device=device).copy_(x.permute(0, 3, 1, 2))
         grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
         sampled = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        scale, shift = _norm_coefficients(mean, std)
         out = torch.empty((b, 3, h, w), device=device, memory_format=torch.channels_last)
-        torch.addcmul(shift, sampled, scale, out=out)
+        torch.addcmul(self.shift, sampled, self.scale, out=out)
         if self.preset == "strong":
             out = self._jitter_and_erase(out, g)
         return out.contiguous(memory_format=torch.channels_last)
@@ -117,7 +147,7 @@ class BatchAugment:
     def _jitter_and_erase(self, out: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, _, h, w = out.shape
         device = out.device
-        mean, std = self.mean.to(device).view(1, 3, 1, 1), self.std.to(device).view(1, 3, 1, 1)
+        mean, std = self.mean, self.std
         img = out * std + mean  # back to [0, 1] for photometric ops
         bright = _uniform(b, 0.7, 1.3, g, device).view(b, 1, 1, 1)
         contrast = _uniform(b, 0.7, 1.3, g, device).view(b, 1, 1, 1)

@@ -118,8 +118,13 @@ def has_depthwise(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
 
 
-def choose_precision(requested: str, model: nn.Module, device: torch.device, img_size: int = 224) -> str:
-    """``auto``: bf16 on CUDA; on CPU bf16 where the CPU has native bf16, the model has no depthwise
+def choose_precision(
+    requested: str, model: nn.Module, device: torch.device, img_size: int = 224, *, capability: tuple[int, int] | None = None
+) -> str:
+    """``auto``: on CUDA bf16 where the GPU computes it natively (compute capability 8.0, Ampere, and later),
+    else fp16 (the trainer then scales the loss with a GradScaler); ``capability`` defaults to the device's.
+    ``torch.cuda.is_bf16_supported()`` is not the test: it also says yes where bf16 is emulated (V100, T4),
+    which is slower than fp16 there. On CPU bf16 where the CPU has native bf16, the model has no depthwise
     convolutions and images are not tiny. Measured on the 2-core AMX CPU (bench/, PERFORMANCE.md):
     ResNet-50@150 bf16 is 2.3x fp32 with channels_last and ResNet-18@56 1.65x, while EfficientNet-Lite0's
     depthwise backward is slower in bf16 (38 img/s) than fp32 (47 img/s) and ResNet-18@28 is faster in fp32
@@ -129,7 +134,8 @@ def choose_precision(requested: str, model: nn.Module, device: torch.device, img
             raise ImgclsError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        major, minor = capability or torch.cuda.get_device_capability(device)
+        return "bf16" if (major, minor) >= (8, 0) else "fp16"
     return "bf16" if cpu_has_bf16() and not has_depthwise(model) and img_size >= 48 else "fp32"
 
 

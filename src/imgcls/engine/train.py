@@ -166,7 +166,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.precision == "fp16")
         self.ema = timm.utils.ModelEmaV3(model, decay=cfg.ema) if cfg.ema > 0 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.augment = BatchAugment(cfg.augment, mean=self.mean, std=self.std)
+        self.augment = BatchAugment(cfg.augment, mean=self.mean, std=self.std, device=rt.device)
         # Frozen stages + flip/none augmentation: their output is computed once (engine/features.py).
         # Not under DDP: the cached path calls the model's parts directly, around DDP's hooks.
         self.split = feat_mod.split_forward(model, cfg.freeze) if cfg.augment in feat_mod.AUGMENTS and not rt.distributed else None

@@ -12,12 +12,15 @@ A conv/norm pair is folded when, inside one parent module, a ``Conv2d`` is regis
 ``BatchNorm2d`` (timm's ``BatchNormAct2d`` included) over its output channels: the order timm's blocks
 (EfficientNet, MobileNet, ResNet) and ``nn.Sequential`` use. Registration order is not forward order in
 general, so ``folded_copy`` checks the copy against the original on a probe batch and returns None when
-they disagree: the caller then keeps the original.
+they disagree: the caller then keeps the original. That check runs in true fp32: with TF32 on (imgcls turns
+it on for training on a GPU, and cuDNN convolutions use it by default) each convolution rounds its inputs to
+10 mantissa bits, a relative error near 1e-3 per layer that would reject sound folds.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -60,11 +63,25 @@ def fold_batchnorm_(model: nn.Module) -> int:
     return folded
 
 
+@contextmanager
+def exact_fp32():
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block, the previous settings restored.
+    (The same legacy flags ``runtime.setup`` sets: mixing them with the newer ``fp32_precision`` API makes
+    torch refuse to read them back.)"""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 @torch.no_grad()
 def folded_copy(model: nn.Module, probe: torch.Tensor, *, rtol: float = 1e-3) -> nn.Module | None:
     """An eval-mode copy of ``model`` with its batch norms folded, or None when nothing folds or the copy's
     output on ``probe`` (a small batch of normalised inputs) differs from the original's by more than
-    ``rtol`` of its scale. ``model`` itself is not changed (each submodule's train/eval mode is restored)."""
+    ``rtol`` of its scale (both computed in fp32 without TF32). ``model`` itself is not changed (each submodule's train/eval mode is restored)."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return None  # nothing to fold (already folded, or norm none): no copy made
     modes = [(m, m.training) for m in model.modules()]
@@ -74,7 +91,8 @@ def folded_copy(model: nn.Module, probe: torch.Tensor, *, rtol: float = 1e-3) ->
         if fold_batchnorm_(fast) == 0:
             return None
         probe = probe.float()
-        want, got = model(probe).float(), fast(probe).float()
+        with exact_fp32():
+            want, got = model(probe).float(), fast(probe).float()
         if want.shape != got.shape or (want - got).abs().max() > rtol * (want.abs().max() + 1e-6):
             return None
         return fast
@@ -83,4 +101,4 @@ def folded_copy(model: nn.Module, probe: torch.Tensor, *, rtol: float = 1e-3) ->
             m.training = training
 
 
-__all__ = ["fold_batchnorm_", "folded_copy"]
+__all__ = ["exact_fp32", "fold_batchnorm_", "folded_copy"]
