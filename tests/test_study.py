@@ -20,7 +20,7 @@ from scipy import stats as sps
 
 from conftest import make_split_root, run_cli
 from imgcls.errors import ImgclsError
-from imgcls.study import analysis, runner, spec, stats
+from imgcls.study import analysis, executors, runner, spec, stats
 from imgcls.study.core import run_study
 
 BASE = {"model": "resnet18", "img_size": 32, "epochs": 1, "batch_size": 16, "precision": "fp32", "val_fraction": 0.25}
@@ -175,10 +175,10 @@ def test_one_run_per_gpu_when_several_are_visible(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.setattr(executors.subprocess, "run", fake_run)
     warmed = []
     monkeypatch.setattr("imgcls.data.prepare", lambda cfg: warmed.append(cfg.img_size))
-    runner._execute_parallel(runs, tmp_path / "out", gpus=["4", "6"], total=4, done_before=0)
+    executors._execute_parallel(runs, tmp_path / "out", gpus=["4", "6"], total=4, done_before=0)
     assert warmed == [0]  # the decode cache is built once, before the runs start
     assert len(seen) == 4 and {g for g, _ in seen} <= {"4", "6"}
     cmd = seen[0][1]

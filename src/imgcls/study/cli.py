@@ -16,6 +16,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="study folder (default runs/study-<spec name>)")
     p.add_argument("--rerun-stale", action="store_true", help="move runs whose config no longer matches the spec to OUT/stale/ and redo them")
     p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs again")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: here, one run after another (one per GPU with several GPUs); "
+                        "ray: one Ray task per run, on this machine or a cluster (pip install -e '.[ray]')")
+    p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                   help="with --executor ray: the cluster to use (auto: the one `ray start` began on this machine); "
+                        "default: start a local Ray instance")
     p.set_defaults(handler=cmd_study)
 
 
@@ -24,10 +30,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     from imgcls.engine.train import Interrupted
     from imgcls.study.core import timed_study
+    from imgcls.study.executors import make_executor
 
     out = args.out or Path("runs") / f"study-{args.spec.stem}"
+    executor = make_executor(args.executor, address=args.address)
     try:
-        timed_study(args.spec, out, rerun_stale=args.rerun_stale, report_only=args.report_only)
+        timed_study(args.spec, out, rerun_stale=args.rerun_stale, report_only=args.report_only, executor=executor)
     except Interrupted as e:  # the run saved a checkpoint; the study, not `train --resume`, continues it
         print(f"imgcls: {e}; rerun the same study command to continue where it stopped", file=sys.stderr)
         return 128 + e.signum

@@ -13,6 +13,7 @@ from imgcls.engine import checkpoint as ckpt
 from imgcls.errors import ImgclsError
 from imgcls.study import analysis as agg
 from imgcls.study import plots, report, runner
+from imgcls.study.executors import Executor, LocalExecutor
 from imgcls.study.panel import gradcam_panel
 from imgcls.study.spec import Study, load_spec
 
@@ -29,8 +30,10 @@ class StudyResult:
     panel_note: str = ""
 
 
-def run_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, report_only: bool = False) -> StudyResult:
-    """Run (or continue) every arm x seed of the spec in ``out``, then aggregate; see :mod:`imgcls.study`."""
+def run_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, report_only: bool = False,
+              executor: Executor | None = None) -> StudyResult:
+    """Run (or continue) every arm x seed of the spec in ``out`` (here unless ``executor`` says otherwise),
+    then aggregate; see :mod:`imgcls.study`."""
     study = load_spec(spec_path)
     out = Path(out)
     planned = runner.plan(study, out)
@@ -47,7 +50,7 @@ def run_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, re
         progress.say(f"study {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds = {len(planned)} runs; "
                      f"{done} finished, {sum(r.state == 'resume' for r in todo)} to continue, "
                      f"{sum(r.state == 'new' for r in todo)} to train")
-        runner.execute(todo, out, total=len(planned), done_before=len(planned) - len(todo))
+        (executor or LocalExecutor()).execute(todo, out, total=len(planned), done_before=len(planned) - len(todo))
         trained = len(todo)
         stale = []
     result = aggregate(study, out, skip={(r.arm, r.seed) for r in stale})
@@ -116,8 +119,9 @@ def say_summary(result: StudyResult, *, wall_s: float) -> None:
     progress.say(f"files: {result.out}/summary.md, summary.csv, results.csv, per_class_delta.csv, *.png")
 
 
-def timed_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, report_only: bool = False) -> StudyResult:
+def timed_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, report_only: bool = False,
+                executor: Executor | None = None) -> StudyResult:
     t0 = time.perf_counter()
-    result = run_study(spec_path, out, rerun_stale=rerun_stale, report_only=report_only)
+    result = run_study(spec_path, out, rerun_stale=rerun_stale, report_only=report_only, executor=executor)
     say_summary(result, wall_s=time.perf_counter() - t0)
     return result

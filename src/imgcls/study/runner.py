@@ -1,20 +1,13 @@
 """Run every arm x seed of a study, resumably: finished runs are skipped, unfinished ones continued,
 and runs whose stored config no longer matches the spec are stale (refused unless asked to redo them).
-
-On CPU (or one GPU) the runs go one after another in this process. With several visible CUDA devices
-each run is a subprocess ``python -m imgcls train`` pinned to one device by ``CUDA_VISIBLE_DEVICES``.
+Where the runs left to do execute (here, or as Ray tasks) is :mod:`imgcls.study.executors`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import queue
 import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,80 +117,3 @@ def train_one(cfg: TrainConfig, *, run_dir: Path, resume: bool) -> dict:
     from imgcls.runs import train_and_evaluate
 
     return train_and_evaluate(cfg, run_dir=run_dir, resume=resume)
-
-
-def cuda_devices(runs: list[PlannedRun]) -> list[str]:
-    """``CUDA_VISIBLE_DEVICES`` values for one run per GPU; empty unless at least two GPUs are visible
-    and every run asks for ``device: auto`` or ``cuda`` (a pinned ``cuda:N`` runs in sequence)."""
-    if not runs or any(r.config.device not in ("auto", "cuda") for r in runs):
-        return []
-    try:
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - a broken CUDA setup just means: run in sequence
-        return []
-    if n < 2:
-        return []
-    # keep the user's own mask: with CUDA_VISIBLE_DEVICES=2,3 the runs go to physical GPUs 2 and 3
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return visible[:n] if visible else [str(i) for i in range(n)]
-
-
-def execute(runs: list[PlannedRun], out: Path, *, total: int, done_before: int) -> None:
-    """Train and evaluate ``runs``; in sequence, or one per GPU when several are visible."""
-    gpus = cuda_devices(runs)
-    if gpus:
-        _execute_parallel(runs, out, gpus=gpus, total=total, done_before=done_before)
-        return
-    for i, r in enumerate(runs, start=done_before + 1):
-        what = "continuing" if r.state == "resume" else "run"
-        progress.say(f"{what} {i}/{total}: {r.arm} seed {r.seed}")
-        t0 = time.perf_counter()
-        summary = train_one(r.config, run_dir=r.path, resume=r.state == "resume")
-        acc = summary.get("test_accuracy") if summary else None
-        progress.say(f"  {r.arm} seed {r.seed}: " + (f"test accuracy {acc:.2%}" if acc is not None else "done") + f" in {time.perf_counter() - t0:.0f}s")
-
-
-def _subprocess_command(r: PlannedRun, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "imgcls", "train", "--out", str(r.path)]
-    if r.state == "resume":
-        return cmd + ["--resume"]
-    cfg_file = out / "configs" / f"{r.arm}-seed{r.seed}.json"
-    cfg_file.parent.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(r.config, cfg_file)
-    return cmd + ["--config", str(cfg_file)]
-
-
-def _execute_parallel(runs: list[PlannedRun], out: Path, *, gpus: list[str], total: int, done_before: int) -> None:
-    # decode each image size once here, so the parallel runs read the cache instead of all decoding it at once
-    from imgcls.data import prepare
-
-    for cfg in {(r.config.data, r.config.img_size): r.config for r in runs}.values():
-        prepare(cfg)
-    free: queue.Queue[str] = queue.Queue()
-    for g in gpus:
-        free.put(g)
-    progress.say(f"{len(runs)} run(s) on {len(gpus)} GPUs, one run per GPU; logs in each run folder's train.log")
-    counter = iter(range(done_before + 1, total + 1))
-
-    def work(r: PlannedRun) -> tuple[PlannedRun, int]:
-        gpu = free.get()
-        try:
-            r.path.mkdir(parents=True, exist_ok=True)
-            cmd = _subprocess_command(r, out)
-            progress.say(f"run {next(counter)}/{total}: {r.arm} seed {r.seed} on GPU {gpu}")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
-            with (r.path / "train.log").open("a", encoding="utf-8") as log:
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-            progress.say(f"  {r.arm} seed {r.seed}: {'done' if rc == 0 else f'failed (exit {rc})'}")
-            return r, rc
-        finally:
-            free.put(gpu)
-
-    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
-        results = list(pool.map(work, runs))
-    failed = [(r, rc) for r, rc in results if rc != 0]
-    if failed:
-        lines = "\n".join(f"  {r.arm} seed {r.seed}: exit {rc}, see {r.path / 'train.log'}" for r, rc in failed)
-        raise ImgclsError(f"{len(failed)} run(s) failed:\n{lines}")
