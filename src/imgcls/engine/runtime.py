@@ -14,7 +14,9 @@ import os
 import platform
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ class Runtime:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    slow_group: Any = field(default=None, compare=False, repr=False)  # see setup()
 
     @property
     def is_main(self) -> bool:
@@ -75,6 +78,11 @@ def setup(device: str = "auto", *, distributed: bool = True) -> Runtime:
             dev = torch.device(device)
         except RuntimeError:
             raise ImgclsError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+        if dev.type == "cuda" and dev.index is not None and world > 1:
+            raise ImgclsError(
+                f"--device {device} under torchrun would put all {world} processes on one GPU; "
+                "use --device cuda (each process takes cuda:LOCAL_RANK)"
+            )
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise ImgclsError("device cuda requested but no CUDA GPU is available")
@@ -85,9 +93,19 @@ def setup(device: str = "auto", *, distributed: bool = True) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(device=dev, rank=rank, world=world, local_rank=local_rank)
+    slow_group = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # Waits that include decoding a data set (rank 0 builds the decode cache while the others wait) can
+        # last far longer than NCCL's 10-minute collective timeout: they go through a CPU (gloo) group
+        # whose timeout covers them, and the training collectives keep the default, which catches hangs.
+        slow_group = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
+    return Runtime(device=dev, rank=rank, world=world, local_rank=local_rank, slow_group=slow_group)
+
+
+# How long ranks wait for one another around data preparation (decoding ImageNet-size sets on one rank).
+SLOW_TIMEOUT = timedelta(hours=12)
 
 
 def teardown(rt: Runtime) -> None:
@@ -95,9 +113,10 @@ def teardown(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def barrier(rt: Runtime) -> None:
+def barrier(rt: Runtime, *, slow: bool = False) -> None:
+    """Wait for every rank; ``slow``: a wait that may last as long as decoding a data set (see setup)."""
     if rt.distributed:
-        dist.barrier()
+        dist.barrier(group=rt.slow_group if slow else None)
 
 
 def seed_everything(seed: int) -> None:
