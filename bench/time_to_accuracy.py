@@ -45,6 +45,7 @@ def run_imgcls(sets: list[str], workdir: Path) -> dict:
     """The recipe end to end in this process; the decode cache starts empty."""
     os.environ["IMGCLS_CACHE"] = str(workdir / "cache")
     from imgcls import config as config_mod
+    from imgcls.engine import batches as batches_mod
     from imgcls.engine import features as feat_mod
     from imgcls.engine import runtime as rt_mod
     from imgcls.engine import train as train_mod
@@ -54,39 +55,45 @@ def run_imgcls(sets: list[str], workdir: Path) -> dict:
     cfg = config_mod.resolve(flags={"data": baseline_loop.DATA.as_posix(), "recipe": "fast-finetune"}, sets=sets)
     probes: list[dict] = []
     probe_cache: dict = {}
+    seen: dict = {}
     paused = [0.0]
     t0 = time.perf_counter()
-    real_validate = train_mod.Trainer.validate
+    real_batches, real_validate = train_mod.Run.batches, batches_mod.Validator.__call__
 
-    def validate_and_probe(self):
-        out = real_validate(self)
+    def batches_and_keep(self, data):  # the probe needs the run and its test split
+        seen["run"], seen["test"] = self, data.test
+        return real_batches(self, data)
+
+    def validate_and_probe(self, module):
+        out = real_validate(self, module)
         t = time.perf_counter()
-        module = self.ema.module if self.ema is not None else self.model
+        run, test = seen["run"], seen["test"]
         if self.features is not None:  # the probe reuses the frozen stages' output too, to be cheap
             if "test" not in probe_cache:
                 probe_cache["test"] = feat_mod.FrozenFeatureCache.build(
-                    self.split[0], self.data.test.images, flip=True, channels_last=self.channels_last,
-                    mean=torch.tensor(self.mean), std=torch.tensor(self.std), dtype=self.features.dtype,
-                    precision=rt_mod.inference_precision(self.cfg.precision, self.precision, self.rt.device),
+                    feat_mod.split_forward(run.state.model, self.freeze)[0], test.images, flip=True,
+                    channels_last=run.channels_last, mean=self.mean_t, std=self.std_t, dtype=self.features.dtype,
+                    precision=rt_mod.inference_precision(run.cfg.precision, run.precision, self.device),
                 )
             feats = probe_cache["test"].features.to(self.features.dtype)
-            rest = feat_mod.split_forward(module, self.cfg.freeze)[1]
-            both = feat_mod.predict_rest(rest, module, feats, precision=self.precision).chunk(2)
-            logits = (both[0].softmax(1) + both[1].softmax(1)).log() if self.cfg.tta else both[0]
+            rest = feat_mod.split_forward(module, self.freeze)[1]
+            both = feat_mod.predict_rest(rest, module, feats, precision=run.precision).chunk(2)
+            logits = (both[0].softmax(1) + both[1].softmax(1)).log() if run.cfg.tta else both[0]
         else:
-            logits = predict_logits(module, self.data.test.images, mean=self.mean, std=self.std, device=self.rt.device,
-                                    precision=self.precision, batch_size=256, tta=self.cfg.tta)
-        acc = float((logits.argmax(1) == self.data.test.labels).float().mean())
-        probes.append({"epoch": self.epoch + 1, "test_acc": acc, "val_acc": out[1], "elapsed_s": t - t0 - paused[0]})
-        print(f"imgcls epoch {self.epoch + 1}: val {out[1]:.4f} test {acc:.4f} at {t - t0 - paused[0]:.0f} s", flush=True)
+            logits = predict_logits(module, test.images, mean=self.mean, std=self.std, device=self.device,
+                                    precision=run.precision, batch_size=256, tta=run.cfg.tta)
+        acc = float((logits.argmax(1) == test.labels).float().mean())
+        epoch = len(probes) + 1
+        probes.append({"epoch": epoch, "test_acc": acc, "val_acc": out[1], "elapsed_s": t - t0 - paused[0]})
+        print(f"imgcls epoch {epoch}: val {out[1]:.4f} test {acc:.4f} at {t - t0 - paused[0]:.0f} s", flush=True)
         paused[0] += time.perf_counter() - t
         return out
 
-    train_mod.Trainer.validate = validate_and_probe
+    train_mod.Run.batches, batches_mod.Validator.__call__ = batches_and_keep, validate_and_probe
     try:
         summary = train_and_evaluate(cfg, run_dir=workdir / "run")
     finally:
-        train_mod.Trainer.validate = real_validate
+        train_mod.Run.batches, batches_mod.Validator.__call__ = real_batches, real_validate
     wall = time.perf_counter() - t0 - paused[0]
     time_to = {t: next((p["elapsed_s"] for p in probes if p["test_acc"] >= t), None) for t in TARGETS}
     final = summary.get("test_accuracy")

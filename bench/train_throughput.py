@@ -4,9 +4,9 @@ Three ways to feed the same model (same architecture, batch size, precision and 
 process, side by side, in alternating chunks:
 
 - ``baseline``: bench/baseline_loop.py (ImageFolder + PIL transforms, DataLoader with 2 workers);
-- ``imgcls``: the real engine, ``Trainer._forward_backward`` + ``_optimizer_step`` as ``train_epoch``
-  calls them (index into the decoded uint8 set, batched augmentation, step);
-- ``ready``: the Trainer's own model, loss and optimizer step on batches augmented beforehand and held
+- ``imgcls``: the real engine, ``TrainBatches.get`` + ``OptimizerStep`` as ``train_epoch`` calls them
+  (index into the decoded uint8 set, batched augmentation, step);
+- ``ready``: the run's own model, loss and optimizer step on batches augmented beforehand and held
   in memory as float tensors: what the step costs when the data path is free.
 
 Each chunk's throughput is its images over its wall time; the figure per mode is the median over chunks.
@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,9 @@ import baseline_loop  # noqa: E402
 from imgcls import config as config_mod  # noqa: E402
 from imgcls.data import prepare  # noqa: E402
 from imgcls.engine import runtime as rt_mod  # noqa: E402
-from imgcls.engine.train import Trainer, _batches, epoch_order  # noqa: E402
+from imgcls.engine.batches import TrainBatches  # noqa: E402
+from imgcls.engine.step import check_finite  # noqa: E402
+from imgcls.engine.train import Run, _batches, epoch_order  # noqa: E402
 
 CONFIGS = {
     "resnet18": {"model": "resnet18", "pretrained": False},
@@ -45,7 +46,7 @@ CONFIGS = {
 MODES = ("baseline", "imgcls", "ready")
 
 
-def make_trainer(name: str, data, *, batch_size: int, precision: str, augment: str, run_dir: Path, device: str = "cpu") -> Trainer:
+def make_run(name: str, data, *, batch_size: int, precision: str, augment: str, device: str = "cpu") -> tuple[Run, TrainBatches]:
     cfg = config_mod.from_dict(
         {
             "data": baseline_loop.DATA.as_posix(), "img_size": 150, **CONFIGS[name], "freeze": 0,
@@ -53,41 +54,41 @@ def make_trainer(name: str, data, *, batch_size: int, precision: str, augment: s
             "ema": 0.0, "epochs": 3, "device": device,
         }
     )
-    return Trainer(cfg, run_dir, data, rt_mod.setup(device, distributed=False))
+    run = Run.build(cfg, data, rt_mod.setup(device, distributed=False))
+    return run, run.batches(data)[0]
 
 
-def engine_step(tr: Trainer, idx: torch.Tensor, i: int) -> None:
-    """One step exactly as Trainer.train_epoch takes it (finite check every step on a CPU, every 25 on a GPU)."""
-    loss, _ = tr._forward_backward(idx, sync=True)
-    if tr.rt.device.type == "cpu" or (i + 1) % 25 == 0:
-        tr._check_finite(loss)
-    tr._optimizer_step()
+def engine_step(run: Run, batches: TrainBatches, idx: torch.Tensor, i: int) -> None:
+    """One step exactly as train.train_epoch takes it (finite check every step on a CPU, every 25 on a GPU)."""
+    x, y, net = batches.get(idx, idx, run.state.aug_gen)
+    loss, _ = run.step.forward_backward(net, x, y)
+    if run.rt.device.type == "cpu" or (i + 1) % 25 == 0:
+        check_finite(loss, run.rt, epoch=1, step=i)
+    run.step.step()
 
 
-def ready_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, i: int) -> None:
+def ready_step(run: Run, x: torch.Tensor, y: torch.Tensor, i: int) -> None:
     """The same step with the data path removed: the batch is already augmented float, channels_last."""
-    with rt_mod.autocast(tr.rt.device, tr.precision):
-        logits = tr.model(x)
-        loss = tr.criterion(logits.float(), y)
-    tr.scaler.scale(loss).backward()
+    with rt_mod.autocast(run.rt.device, run.precision):
+        logits = run.state.model(x)
+        loss = run.step.criterion(logits.float(), y)
+    run.state.scaler.scale(loss).backward()
     (logits.detach().argmax(1) == y).sum()
-    if tr.rt.device.type == "cpu" or (i + 1) % 25 == 0:
-        tr._check_finite(loss.detach())
-    tr._optimizer_step()
+    if run.rt.device.type == "cpu" or (i + 1) % 25 == 0:
+        check_finite(loss.detach(), run.rt, epoch=1, step=i)
+    run.step.step()
 
 
 def measure(name: str, data, args) -> dict:
     bs = args.batch_size
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = make_trainer(name, data, batch_size=bs, precision=args.precision, augment=args.augment, run_dir=Path(tmp),
-                          device=args.device)
-    tr._train_mode()
-    batches = _batches(epoch_order(0, 0, len(data.train), tr.rt).to(tr.rt.device), bs)
+    run, source = make_run(name, data, batch_size=bs, precision=args.precision, augment=args.augment, device=args.device)
+    run.train_mode()
+    batches = _batches(epoch_order(0, 0, len(data.train), run.rt).to(run.rt.device), bs)
     # ready tensors: a few distinct batches augmented up front by the engine's own augmentation
     ready = []
     with torch.no_grad():
         for idx in batches[: args.ready_batches]:
-            ready.append((tr.augment(tr.train_images[idx], tr.aug_gen), tr.train_labels[idx]))
+            ready.append((source.augment(source.images[idx], run.state.aug_gen), source.labels[idx]))
     modes = tuple(m for m in MODES if m != "baseline" or not args.skip_baseline)
     base = None if args.skip_baseline else baseline_loop.build(
         CONFIGS[name]["model"], pretrained=CONFIGS[name]["pretrained"], batch_size=bs, epochs=3,
@@ -95,7 +96,7 @@ def measure(name: str, data, args) -> dict:
     )
     discard = 2 * base.train_loader.num_workers if base is not None else 0
     pos = {"imgcls": 0, "ready": 0}
-    cuda = tr.rt.device.type == "cuda"
+    cuda = run.rt.device.type == "cuda"
 
     def chunk(mode: str, steps: int) -> float:
         """Run ``steps`` timed steps of ``mode``; returns images per second."""
@@ -111,9 +112,9 @@ def measure(name: str, data, args) -> dict:
             i = pos[mode]
             pos[mode] += 1
             if mode == "imgcls":
-                engine_step(tr, batches[i % len(batches)], i)
+                engine_step(run, source, batches[i % len(batches)], i)
             else:
-                ready_step(tr, *ready[i % len(ready)], i)
+                ready_step(run, *ready[i % len(ready)], i)
         if cuda:
             torch.cuda.synchronize()  # a GPU runs ahead of the host: time the work, not its queueing
         return steps * bs / (time.perf_counter() - t)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
-import imgcls.engine.train as train_mod
 from imgcls.config import TrainConfig
+from imgcls.data import prepare
+from imgcls.engine import batches as batches_mod
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import features as feat_mod
-from imgcls.engine.train import Interrupted, train
-from imgcls.models import build_model, freeze_stages
+from imgcls.engine.runtime import Runtime
+from imgcls.engine.train import Interrupted, Run, train
+from imgcls.models import build_model
+from test_train import sigterm_after_step
 
 
 @pytest.mark.parametrize("name,stages", [("resnet18", range(1, 6)), ("efficientnet_lite0", range(1, 9))])
@@ -30,7 +31,7 @@ def test_split_forward_composes_to_the_model(name, stages):
 def _cfg(data, **kw) -> TrainConfig:
     base = dict(
         data=str(data), model="resnet18", img_size=32, epochs=2, batch_size=8, precision="fp32",
-        augment="flip", freeze=3, ema=0.9, lr=3e-3,
+        augment="flip", freeze=3, ema=0.9, lr=3e-3, tensorboard=False,
     )
     return TrainConfig(**(base | kw))
 
@@ -51,7 +52,7 @@ def test_cached_features_train_like_the_frozen_stages(split_root, tmp_path, monk
     monkeypatch.setattr(feat_mod.FrozenFeatureCache, "build", spy)
     # the frozen stages as they are, not batch-norm-folded (algebraically equal, not bit-equal; folding has
     # its own tests): so the cached run differs from the plain one by summation order alone
-    monkeypatch.setattr(train_mod, "inference_model", lambda model, *a, **kw: model)
+    monkeypatch.setattr(batches_mod, "inference_model", lambda model, *a, **kw: model)
     train(_cfg(split_root), run_dir=tmp_path / "cached")
     assert built, "the feature cache was not used"
     monkeypatch.setattr(feat_mod, "split_forward", lambda model, n: None)
@@ -65,20 +66,8 @@ def test_cached_features_train_like_the_frozen_stages(split_root, tmp_path, monk
 def test_resume_with_cached_features_is_exact(split_root, tmp_path, monkeypatch):
     cfg = _cfg(split_root)
     train(cfg, run_dir=tmp_path / "straight")
-
-    @contextmanager
-    def stop_soon():
-        class Flag(dict):
-            n = 7
-
-            def __getitem__(self, key):
-                Flag.n -= 1
-                return 15 if Flag.n < 0 else None  # SIGTERM
-
-        yield Flag(signum=None)
-
-    monkeypatch.setattr(train_mod, "stop_on_signals", stop_soon)
-    with pytest.raises(Interrupted):
+    sigterm_after_step(monkeypatch, 8)  # a real SIGTERM inside epoch 2 (6 steps per epoch)
+    with pytest.raises(Interrupted, match="in epoch 2"):
         train(cfg, run_dir=tmp_path / "resumed")
     monkeypatch.undo()
     train(cfg, run_dir=tmp_path / "resumed", resume=True)
@@ -87,8 +76,16 @@ def test_resume_with_cached_features_is_exact(split_root, tmp_path, monkeypatch)
         assert torch.equal(a[k], b[k]), k
 
 
-def test_no_cache_for_augmentations_that_move_pixels_or_without_frozen_stages():
-    model = build_model("resnet18", num_classes=3)
-    freeze_stages(model, 2)
-    assert feat_mod.split_forward(model, 0) is None
-    assert "flip-rotate" not in feat_mod.AUGMENTS and "rrc" not in feat_mod.AUGMENTS
+@pytest.mark.parametrize("augment,freeze,cached", [("flip", 3, True), ("none", 2, True), ("flip-rotate", 3, False),
+                                                     ("rrc", 3, False), ("flip", 0, False)])
+def test_the_cache_is_used_only_for_frozen_stages_under_flip_or_no_augmentation(split_root, augment, freeze, cached):
+    """Rotations and crops move pixels, so the frozen stages' output differs every step: no cache there."""
+    cfg = _cfg(split_root, augment=augment, freeze=freeze)
+    data = prepare(cfg)
+    run = Run.build(cfg, data, Runtime(device=torch.device("cpu")))
+    batches, validate = run.batches(data)
+    assert (batches.features is not None) == cached
+    assert (validate.features is not None) == cached
+    idx = torch.arange(4)
+    x, y, net = batches.get(idx, idx, run.state.aug_gen)
+    assert net(x).shape == (4, len(data.classes)) and torch.equal(y, data.train.labels[:4])

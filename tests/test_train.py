@@ -1,10 +1,14 @@
-"""The training loop: exact resume, signals, NaN guard, early stopping, knobs."""
+"""The training loop: exact resume after a real signal, the optimizer step, NaN guard, early stopping,
+schedules, precision, TensorBoard, torchrun."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
-from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,52 +16,56 @@ from torch import nn
 
 import imgcls.engine.train as train_mod
 from imgcls.config import TrainConfig
+from imgcls.engine import batches as batches_mod
 from imgcls.engine import checkpoint as ckpt
-from imgcls.engine.train import Interrupted, train
+from imgcls.engine import runtime as rt_mod
+from imgcls.engine.runtime import Runtime
+from imgcls.engine.state import TrainState
+from imgcls.engine.step import OptimizerStep
+from imgcls.engine.train import Interrupted, make_scheduler, train
 from imgcls.errors import ImgclsError
 from imgcls.models import build_model, count_norms
-from conftest import run_cli
+from conftest import make_split_root, run_cli
+
+CPU = torch.device("cpu")
 
 
 def _cfg(data, **kw) -> TrainConfig:
     base = dict(
         data=str(data), model="resnet18", img_size=32, epochs=3, batch_size=8, precision="fp32",
-        dropout=0.2, augment="flip-rotate", ema=0.9, lr=3e-3,
+        dropout=0.2, augment="flip-rotate", ema=0.9, lr=3e-3, tensorboard=False,
     )
     return TrainConfig(**(base | kw))
 
 
 def _weights(run_dir, which="last"):
     tensors, _ = ckpt.load(run_dir / "checkpoints" / f"{which}.safetensors")
-    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema.", "rng."))}
 
 
-class _StopAfter(dict):
-    """A stop flag that reads as SIGTERM from the n-th check on (the loop checks once per step)."""
+def sigterm_after_step(monkeypatch, n: int) -> None:
+    """Send this process a real SIGTERM right after optimizer step ``n`` (the loop's handler sets its flag;
+    the loop notices at the step boundary)."""
+    real = OptimizerStep.step
 
-    def __init__(self, n):
-        super().__init__(signum=None)
-        self.n = n
+    def step(self):
+        real(self)
+        if self.state.global_step == n:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    def __getitem__(self, key):
-        self.n -= 1
-        return signal.SIGTERM if self.n < 0 else None
+    monkeypatch.setattr(OptimizerStep, "step", step)
 
 
-def test_resume_matches_uninterrupted_run_bit_for_bit(split_root, tmp_path, monkeypatch):
-    cfg = _cfg(split_root)
+def test_resume_after_sigterm_matches_uninterrupted_run_bit_for_bit(split_root, tmp_path, monkeypatch):
+    cfg = _cfg(split_root, tensorboard=True)
     train(cfg, run_dir=tmp_path / "straight")
-
-    @contextmanager
-    def stop_mid_epoch_two():
-        yield _StopAfter(7)  # 6 steps per epoch here: stops inside epoch 2
-
-    monkeypatch.setattr(train_mod, "stop_on_signals", stop_mid_epoch_two)
-    with pytest.raises(Interrupted):
+    sigterm_after_step(monkeypatch, 8)  # 6 steps per epoch here: inside epoch 2
+    with pytest.raises(Interrupted, match="SIGTERM in epoch 2 at step 2"):
         train(cfg, run_dir=tmp_path / "resumed")
     monkeypatch.undo()
     _, meta = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.safetensors")
-    assert meta["position"]["epoch"] == 1 and meta["position"]["step_in_epoch"] > 0
+    assert meta["position"]["epoch"] == 1 and meta["position"]["step_in_epoch"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone again
     train(cfg, run_dir=tmp_path / "resumed", resume=True)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -65,6 +73,31 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(split_root, tmp_path, monk
         assert torch.equal(a[k], b[k]), k
     lines = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
     assert len(lines) == 4  # header + 3 epochs, none repeated
+    assert [s.step for s in _scalars(tmp_path / "resumed", "accuracy/val")] == [1, 2, 3]
+
+
+def _scalars(run_dir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return acc.Scalars(tag)
+
+
+def test_tensorboard_events_hold_the_epoch_metrics(split_root, tmp_path):
+    import csv
+
+    run = tmp_path / "run"
+    train(_cfg(split_root, epochs=2, tensorboard=True), run_dir=run)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    for key, tag in {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
+                     "val_acc": "accuracy/val", "lr": "learning_rate", "img_per_s": "images_per_s"}.items():
+        events = _scalars(run, tag)
+        assert [e.step for e in events] == [1, 2], tag
+        for e, row in zip(events, rows):
+            assert e.value == pytest.approx(float(row[key]), rel=1e-4), tag
+    train(_cfg(split_root, epochs=1), run_dir=tmp_path / "off")  # tensorboard=False
+    assert not (tmp_path / "off" / "tensorboard").exists()
 
 
 def test_different_seeds_differ_same_seed_repeats(split_root, tmp_path):
@@ -73,7 +106,7 @@ def test_different_seeds_differ_same_seed_repeats(split_root, tmp_path):
     train(_cfg(split_root, epochs=1, seed=1), run_dir=tmp_path / "c")
     a, b, c = (_weights(tmp_path / x) for x in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("model."))
 
 
 def test_nan_loss_stops_before_overwriting_a_good_checkpoint(split_root, tmp_path, monkeypatch):
@@ -96,7 +129,7 @@ def test_nan_loss_stops_before_overwriting_a_good_checkpoint(split_root, tmp_pat
 
 
 def test_early_stopping(split_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod.Trainer, "validate", lambda self: (1.0, 0.5))  # never improves after epoch 1
+    monkeypatch.setattr(batches_mod.Validator, "__call__", lambda self, module: (1.0, 0.5))  # never improves after epoch 1
     result, _ = train(_cfg(split_root, epochs=6, patience=2), run_dir=tmp_path / "r")
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
 
@@ -120,21 +153,215 @@ def test_norm_none_leaves_no_norm_layer_and_trains():
     assert losses[-1] < losses[0] * 0.5
 
 
-def test_accumulation_and_clip_run(split_root, tmp_path):
-    result, _ = train(_cfg(split_root, epochs=1, accum_steps=2, grad_clip=1.0, optimizer="sgd", lr=0.05), run_dir=tmp_path / "r")
-    assert result.epochs_run == 1
+# -- the optimizer step on a tiny model, no data set -------------------------------------------------------
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _toy_batch(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 3, 2, 2, generator=g) + y.view(-1, 1, 1, 1).float()
+    return x, y
+
+
+def _stepper(model, *, opt=None, precision="fp32", accum=1, clip=0.0, scaler=None, scheduler=None):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState(model=model, optimizer=opt, scheduler=scheduler, scaler=scaler or torch.amp.GradScaler("cpu", enabled=False),
+                       ema=None, aug_gen=torch.Generator())
+    return OptimizerStep(state, criterion=nn.CrossEntropyLoss(), precision=precision, device=CPU, accum_steps=accum, grad_clip=clip)
+
+
+def test_accumulating_k_batches_equals_one_batch_k_times_larger():
+    x, y = _toy_batch(16)
+    big = _stepper(_tiny())
+    big.forward_backward(big.state.model, x, y)
+    big.step()
+    acc = _stepper(_tiny(), accum=4)
+    for part in range(4):
+        acc.forward_backward(acc.state.model, x[part * 4 : part * 4 + 4], y[part * 4 : part * 4 + 4])
+    acc.step()
+    assert big.state.global_step == acc.state.global_step == 1
+    changed = [not torch.equal(p, q) for p, q in zip(big.state.model.parameters(), _tiny().parameters())]
+    assert all(changed)
+    for p, q in zip(big.state.model.parameters(), acc.state.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # and not by accident: without the division by k the step is k times larger
+    wrong = _stepper(_tiny(), accum=1)
+    for part in range(4):
+        wrong.forward_backward(wrong.state.model, x[part * 4 : part * 4 + 4], y[part * 4 : part * 4 + 4])
+    wrong.step()
+    assert not torch.allclose(wrong.state.model[1].weight, big.state.model[1].weight, rtol=1e-3, atol=1e-4)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records the total gradient norm it steps with."""
+
+    norms: list[float] = []
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("fp16_scaler", [False, True])
+def test_clipping_bounds_the_gradient_norm(fp16_scaler):
+    x, y = _toy_batch(16)
+    x = x * 50  # large inputs, large gradients
+    model = _tiny()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    unclipped = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+    model.zero_grad()
+    assert unclipped > 2.0
+    RecordingSGD.norms = []
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16_scaler, init_scale=1024.0)
+    s = _stepper(model, opt=RecordingSGD(model.parameters(), lr=0.01), clip=0.5, scaler=scaler)
+    s.forward_backward(model, x, y)
+    s.step()
+    assert RecordingSGD.norms and RecordingSGD.norms[0] == pytest.approx(0.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_step_runs_and_lowers_the_loss(precision):
+    """bf16 autocast, and fp16 autocast with the GradScaler stepping (CPU autocast supports both)."""
+    x, y = _toy_batch(32)
+    model = _tiny()
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    s = _stepper(model, opt=torch.optim.Adam(model.parameters(), lr=1e-2), precision=precision, scaler=scaler)
+    losses = []
+    for _ in range(30):
+        loss, correct = s.forward_backward(model, x, y)
+        s.step()
+        losses.append(float(loss))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(correct) > 24
+    if precision == "fp16":
+        assert scaler.get_scale() > 0 and scaler.state_dict()["_growth_tracker"] > 0  # the scaler stepped
+
+
+def test_constant_schedule_warms_up_then_holds_the_rate():
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    cfg = TrainConfig(data="x", schedule="constant", warmup_epochs=1.0, lr=0.2, epochs=3)
+    assert make_scheduler(cfg.replace(warmup_epochs=0.0), opt, steps_per_epoch=4) is None  # nothing to schedule
+    s = _stepper(model, opt=opt, scheduler=make_scheduler(cfg, opt, steps_per_epoch=4))
+    x, y = _toy_batch(8)
+    lrs = []
+    for _ in range(12):
+        s.forward_backward(model, x, y)
+        s.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] < lrs[1] < lrs[2] < 0.2  # warm-up over the first epoch (4 steps)
+    assert lrs[3:] == pytest.approx([0.2] * 9)
+    cosine = make_scheduler(cfg.replace(schedule="cosine", warmup_epochs=0.0), torch.optim.SGD(model.parameters(), lr=0.2), 4)
+    cosine.step_update(num_updates=11)
+    assert cosine.optimizer.param_groups[0]["lr"] < 0.01  # cosine decays to 1 % of lr by the end
+
+
+# -- per-rank random state, device changes ----------------------------------------------------------------
+
+
+def _state(device_gen_seed=0) -> TrainState:
+    model = _tiny()
+    return TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
+                      scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None,
+                      aug_gen=torch.Generator().manual_seed(device_gen_seed))
+
+
+def _two_rank_checkpoint():
+    """What rank 0 writes under torchrun with two ranks (each rank's generators differ)."""
+    tensors, meta = _state(1).dump(Runtime(device=CPU))
+    other, other_meta = _state(2).dump(Runtime(device=CPU))
+    tensors |= {k.replace("rng.0.", "rng.1."): v for k, v in other.items() if k.startswith("rng.0.")}
+    meta["rng"]["ranks"].append(other_meta["rng"]["ranks"][0])
+    return tensors, meta
+
+
+def test_each_rank_restores_its_own_augmentation_stream():
+    tensors, meta = _two_rank_checkpoint()
+    for rank, seed in ((0, 1), (1, 2)):
+        s = _state(99)
+        assert s.restore(tensors, meta, Runtime(device=CPU, rank=rank, world=2), reseed=0) is None
+        assert torch.equal(s.aug_gen.get_state(), torch.Generator().manual_seed(seed).get_state())
+    with pytest.raises(ImgclsError, match="saved by 2 process"):
+        _state().restore(tensors, meta, Runtime(device=CPU), reseed=0)
+
+
+def test_resume_on_another_device_type_restarts_the_augmentation_stream_with_a_note():
+    tensors, meta = _state(1).dump(Runtime(device=CPU))
+    meta["rng"]["device"] = "cuda"  # as a GPU run writes it: a 16-byte Philox state
+    tensors["rng.0.aug"] = torch.zeros(16, dtype=torch.uint8)
+    meta["position"]["global_step"] = 5
+    s = _state(99)
+    note = s.restore(tensors, meta, Runtime(device=CPU), reseed=7)
+    assert note and "saved on cuda and continues on cpu" in note
+    assert torch.equal(s.aug_gen.get_state(), torch.Generator().manual_seed(7 + 5).get_state())
+
+
+def test_cuda_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ImgclsError, match="cuda:0 under torchrun would put all 2 processes on one GPU"):
+        rt_mod.setup("cuda:0")
+
+
+def test_the_training_set_goes_to_the_gpu_only_when_it_fits():
+    gib = 2**30
+    assert batches_mod.fits_on_device(10 * gib, free_bytes=139 * gib)  # intel-scenes-size on an H200
+    assert not batches_mod.fits_on_device(180 * gib, free_bytes=139 * gib)  # ImageNet-1k at 224 px
+    assert not batches_mod.fits_on_device(60 * gib, free_bytes=100 * gib)  # half is left for the model
+
+
+# -- the real CLI, recipes, processes ---------------------------------------------------------------------
+
+
+def test_resume_accepts_the_same_command_and_refuses_a_real_change(tmp_path):
+    data = make_split_root(tmp_path / "d", train=8, test=3)
+    run = tmp_path / "run"
+    common = [str(data), "--model", "resnet18", "--img-size", "32", "--batch-size", "8", "--out", str(run), "--no-tensorboard"]
+    r = run_cli("train", *common, "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *common, "--epochs", "4", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert len((run / "metrics.csv").read_text().splitlines()) == 5  # header + epochs 1-4
+    _, meta = ckpt.load(run / "checkpoints" / "last.safetensors")
+    assert meta["position"]["epoch"] == 4
+    r = run_cli("train", *common[:-1], "--epochs", "5", "--resume", "--model", "resnet34")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "imgcls: error: --resume cannot change model: the run has 'resnet18', the command gives 'resnet34' "
+        "(only epochs, patience, device, tensorboard may change)"
+    ]
+
+
+def test_fast_finetune_recipe_end_to_end(tmp_path):
+    data = make_split_root(tmp_path / "d", train=10, test=3)
+    run = tmp_path / "run"
+    r = run_cli("train", str(data), "--recipe", "fast-finetune", "--img-size", "32", "--epochs", "2", "--out", str(run),
+                env={"IMGCLS_QUIET": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "frozen-stage features" in r.stderr or "efficientnet_lite0" in r.stderr
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "efficientnet_lite0" and summary["epochs_run"] == 2
+    assert summary["test_accuracy"] > 1 / 3  # pretrained features separate these colours at once
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["freeze"] == 6 and cfg["ema"] == 0.99 and cfg["tta"] is True
+    assert json.loads((run / "eval" / "metrics.json").read_text())["tta"] is True
 
 
 @pytest.mark.slow
 def test_sigterm_through_the_cli_saves_and_resumes(tmp_path):
-    from conftest import make_split_root
-
     data = make_split_root(tmp_path / "d", train=60, test=4)
     run = tmp_path / "run"
-    import subprocess
-    import sys
-    import os
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgcls", "train", str(data), "--out", str(run), "--model", "resnet18",
          "--img-size", "32", "--epochs", "40", "--batch-size", "8", "--precision", "fp32"],
@@ -157,14 +384,8 @@ def test_sigterm_through_the_cli_saves_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path):
-    """The same entry point under torchrun: DDP over gloo, each rank a share of the data, rank 0 writes."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from conftest import make_split_root
-
+    """The same entry point under torchrun: DDP over gloo, each rank a share of the data, rank 0 writes,
+    and every rank's augmentation stream is in the checkpoint."""
     data = make_split_root(tmp_path / "d", train=20, test=4)
     run = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -177,3 +398,35 @@ def test_torchrun_two_cpu_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "summary.json").exists() and (run / "eval" / "metrics.json").exists()
     assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    tensors, meta = ckpt.load(run / "checkpoints" / "last.safetensors")
+    assert len(meta["rng"]["ranks"]) == 2
+    assert not torch.equal(tensors["rng.0.aug"], tensors["rng.1.aug"])
+
+
+RANK_WAIT = """
+import os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from imgcls.engine import runtime as rt_mod
+dist.init_process_group("gloo", timeout=timedelta(seconds=15))  # stands in for NCCL's 10 minutes
+rt = rt_mod.setup("cpu")
+rt_mod.barrier(rt)
+if rt.rank == 0:
+    time.sleep(25)  # a long first decode
+try:
+    rt_mod.barrier(rt, slow=sys.argv[1] == "slow")
+    print("waited", flush=True)
+except RuntimeError:
+    print("timed out", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,outcome", [("slow", "waited"), ("plain", "timed out")])
+def test_ranks_wait_for_a_decode_longer_than_the_collective_timeout(kind, outcome):
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29540 + (kind == "slow")), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_WAIT, kind], env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert outs[1][0].strip() == outcome, outs[1]

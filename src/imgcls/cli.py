@@ -34,6 +34,7 @@ HELP = {
     "channels_last": "auto | on | off",
     "device": "auto | cpu | cuda | cuda:N",
     "split_seed": "seed of the train/val/test carving (kept fixed across training seeds)",
+    "tensorboard": "write TensorBoard event files under RUN/tensorboard (default on)",
 }
 
 
@@ -121,13 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out is None:
             raise ImgclsError("--resume needs --out RUN (the run folder to continue)")
-        stored = config_mod.load(args.out / "config.json")
-        changes = _explicit_flags(args)
-        allowed = {"epochs", "device", "patience"}
-        bad = sorted(set(changes) - allowed)
-        if bad:
-            raise ImgclsError(f"--resume continues the stored config; only {', '.join(sorted(allowed))} may change (got {', '.join(bad)})")
-        cfg = stored.replace(**changes)
+        cfg = _resumed_config(args)
         run_dir = args.out
     else:
         flags = _explicit_flags(args)
@@ -161,6 +156,40 @@ def progress_next(run_dir: Path) -> None:
 
     q = shlex.quote(str(run_dir))
     progress.say(f"next: imgcls eval {q}   |   imgcls predict {q} IMAGE...   |   imgcls explain {q} IMAGE...")
+
+
+# What --resume may change: where and how long the run continues, and what it reports.
+RESUME_MAY_CHANGE = ("epochs", "patience", "device", "tensorboard")
+
+
+def _resumed_config(args: argparse.Namespace) -> config_mod.TrainConfig:
+    """The stored config of ``--out``, with the options a resume may change. The same command plus
+    ``--resume`` is the natural way to continue a run, so restating an option with its stored value is
+    fine; a real change is refused, naming the key, the stored value and the given one."""
+    stored = config_mod.load(args.out / "config.json")
+    flags = _explicit_flags(args)
+    if args.data is not None:
+        flags["data"] = args.data
+    given = config_mod.coerce_dict(config_mod.stated(flags=flags, file=args.config, sets=args.set), where="--resume")
+    changes = {}
+    for key, value in given.items():
+        old = getattr(stored, key)
+        if key in RESUME_MAY_CHANGE:
+            changes[key] = value
+        elif not _same_setting(key, old, value):
+            may = ", ".join(RESUME_MAY_CHANGE)
+            raise ImgclsError(f"--resume cannot change {key}: the run has {old!r}, the command gives {value!r} (only {may} may change)")
+    return stored.replace(**changes)
+
+
+def _same_setting(key: str, old, new) -> bool:
+    if old == new:
+        return True
+    if key == "data":  # the same folder or file, however it is spelled
+        return Path(str(old)).expanduser().resolve() == Path(str(new)).expanduser().resolve()
+    if key == "img_size":  # 0 means "from the data": the run stored the size it derived
+        return new == 0
+    return False
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

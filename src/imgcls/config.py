@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     patience: int = 0  # early stopping on val accuracy; 0 = off
     tta: bool = False  # flip test-time augmentation in evaluation
+    tensorboard: bool = True  # event files under RUN/tensorboard
     # speed
     recipe: str = "none"
     precision: str = "auto"

@@ -95,16 +95,17 @@ class FrozenFeatureCache:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 128,
         on_batch: Callable[[int], None] | None = None,
+        device: torch.device | None = None,
     ) -> FrozenFeatureCache:
         """Run ``frozen`` over ``images`` (``N x S x S x 3`` uint8, on the training device), and over their
         mirror images when ``flip``, under ``precision``; batches come out in ``dtype``. The frozen modules
-        must already be in eval mode."""
-        n, device = len(images), images.device
+        must already be in eval mode. ``device``: where ``frozen`` runs, when ``images`` are in host memory."""
+        n, device = len(images), device or images.device
         views = (False, True) if flip else (False,)
         out = None
         for v, mirrored in enumerate(views):
             for start in range(0, n, batch_size):
-                x = to_float(images[start : start + batch_size], mean, std)
+                x = to_float(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
                 if mirrored:
                     x = x.flip(3)
                 if channels_last:
