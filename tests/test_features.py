@@ -11,7 +11,8 @@ from imgcls.engine import batches as batches_mod
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import features as feat_mod
 from imgcls.engine.runtime import Runtime
-from imgcls.engine.train import Interrupted, Run, train
+from imgcls.engine.train import Run, train
+from imgcls.errors import Interrupted
 from imgcls.models import build_model
 from test_train import sigterm_after_step
 

@@ -22,7 +22,8 @@ from imgcls.engine import runtime as rt_mod
 from imgcls.engine.runtime import Runtime
 from imgcls.engine.state import TrainState
 from imgcls.engine.step import OptimizerStep
-from imgcls.engine.train import Interrupted, make_scheduler, train
+from imgcls.engine.train import make_scheduler, train
+from imgcls.errors import Interrupted
 from imgcls.errors import ImgclsError
 from imgcls.models import build_model, count_norms
 from conftest import make_split_root, run_cli

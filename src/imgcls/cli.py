@@ -10,7 +10,7 @@ from pathlib import Path
 
 from imgcls import __version__
 from imgcls import config as config_mod
-from imgcls.errors import ImgclsError
+from imgcls.errors import ImgclsError, Interrupted
 from imgcls.explain import cli as explain_cli
 from imgcls.study import cli as study_cli
 
@@ -116,7 +116,6 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgcls.engine.train import Interrupted
     from imgcls.runs import train_and_evaluate
 
     if args.resume:
@@ -261,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
     handler = handlers.get(args.command) or getattr(args, "handler", None)
-    from imgcls.engine.train import Interrupted
-
     try:
         return handler(args)
     except ImgclsError as e:

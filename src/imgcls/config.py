@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from imgcls.errors import ImgclsError
+from imgcls.io import write_json
 
 AUGMENTS = ("none", "flip", "flip-rotate", "rrc", "randaugment", "strong")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -279,7 +280,8 @@ def resolve(
 
 
 def dump(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    """The one writer of a run's ``config.json`` (atomic); :func:`load` reads it back."""
+    write_json(path, to_dict(cfg))
 
 
 def load(path: str | Path) -> TrainConfig:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +11,6 @@ import torch
 from imgcls import progress
 from imgcls.config import TrainConfig
 from imgcls.data import Split, prepare_eval
-from imgcls.engine import checkpoint as ckpt
 from imgcls.engine.evaluate import (
     classification_metrics,
     inference_model,
@@ -26,11 +22,8 @@ from imgcls.engine.evaluate import (
 from imgcls.engine.inference import LoadedRun, expand_paths, load_images, load_run
 from imgcls.engine.train import train
 from imgcls.errors import ImgclsError
+from imgcls.io import write_csv, write_json
 from imgcls.report import plots
-
-
-def _write_json(path: Path, obj) -> None:
-    ckpt.atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _logits(run: LoadedRun, images: torch.Tensor, *, tta: bool, what: str) -> torch.Tensor:
@@ -57,7 +50,7 @@ def evaluate_split(run: LoadedRun, split: Split, out_dir: Path, *, excluded: Spl
         metrics["excluded"] = open_set_analysis(
             logits, ex_logits, excluded.labels, classes=run.classes, excluded_classes=run.excluded_classes
         )
-    _write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     _write_predictions(out_dir / "predictions.csv", split, logits, run.classes, true_names=run.classes)
     if ex_logits is not None:
         _write_predictions(out_dir / "predictions_excluded.csv", excluded, ex_logits, run.classes, true_names=run.excluded_classes)
@@ -70,13 +63,11 @@ def evaluate_split(run: LoadedRun, split: Split, out_dir: Path, *, excluded: Spl
 
 def _write_predictions(path: Path, split: Split, logits: torch.Tensor, classes: list[str], *, true_names: list[str]) -> None:
     probs = logits.softmax(1)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "true", "predicted", "confidence", *[f"p_{c}" for c in classes]])
+    rows = []
     for path_i, y, p in zip(split.paths, split.labels.tolist(), probs.tolist()):
         j = max(range(len(p)), key=p.__getitem__)
-        w.writerow([path_i, true_names[y], classes[j], f"{p[j]:.5f}", *[f"{v:.5f}" for v in p]])
-    ckpt.atomic_write_text(path, buf.getvalue())
+        rows.append([path_i, true_names[y], classes[j], f"{p[j]:.5f}", *[f"{v:.5f}" for v in p]])
+    write_csv(path, ["path", "true", "predicted", "confidence", *[f"p_{c}" for c in classes]], rows)
 
 
 def _misclassified_grid(split: Split, logits: torch.Tensor, classes: list[str], path: Path, k: int = 24) -> None:
@@ -120,7 +111,7 @@ def train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool = False)
         if "excluded" in metrics:
             summary["excluded_auroc"] = metrics["excluded"]["auroc_max_softmax"]
     summary["wall_s"] = time.perf_counter() - t0
-    _write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -145,7 +136,7 @@ def eval_command(run_dir: Path, data: str | None, out_dir: Path | None, *, tta: 
     out = out_dir or (run_dir / "eval")
     if data is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "data_report.json", report)
+        write_json(out / "data_report.json", report)
         for s in report["skipped"]:
             progress.say(f"skipped {s['path']}: {s['reason']}")
     return evaluate_split(loaded, split, out, excluded=excluded, tta=loaded.config.tta if tta is None else tta)
@@ -185,20 +176,17 @@ def predict_command(run_dir: Path, inputs: list[str], out: Path | None, *, topk:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".json":
-            _write_json(out, {"predictions": rows, "skipped": skipped})
+            write_json(out, {"predictions": rows, "skipped": skipped})
         else:
-            buf = io.StringIO()
-            w = csv.writer(buf)
             header = ["path"]
             for i in range(1, k + 1):
                 header += [f"label_{i}", f"prob_{i}"]
-            w.writerow(header + ["error"])
+            lines = []
             for r in rows:
                 line = [r["path"]]
                 for t in r["topk"]:
                     line += [t["label"], f"{t['prob']:.5f}"]
-                w.writerow(line + [""])
-            for s in skipped:
-                w.writerow([s["path"]] + [""] * (2 * k) + [s["reason"]])
-            ckpt.atomic_write_text(out, buf.getvalue())
+                lines.append(line + [""])
+            lines += [[s["path"]] + [""] * (2 * k) + [s["reason"]] for s in skipped]
+            write_csv(out, header + ["error"], lines)
     return rows, skipped

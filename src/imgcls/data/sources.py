@@ -7,7 +7,7 @@ Layouts:
 - the built-in name ``fashion-mnist`` (Debian's package files).
 
 A *pool* is what is stored together on disk (a split folder, a CSV split, the whole class folder);
-``assign_splits`` later turns pools into train/val/test row indices, so changing a fraction never
+``prepare._assign`` later turns pools into train/val/test row indices, so changing a fraction never
 re-decodes anything.
 """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from imgcls import progress
 from imgcls.config import TrainConfig
-from imgcls.engine import checkpoint as ckpt
+from imgcls.io import write_text
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "epoch_s", "elapsed_s"]
 # TensorBoard tag of each metrics.csv column that has one (train and val side by side in one chart)
@@ -68,7 +68,7 @@ def write_history(path: Path, history: list[dict]) -> None:
     lines = [",".join(METRIC_FIELDS)]
     for h in history:
         lines.append(",".join(str(h.get(k, "")) if k == "epoch" else f"{h.get(k, float('nan')):.6g}" for k in METRIC_FIELDS))
-    ckpt.atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 __all__ = ["Reporter", "METRIC_FIELDS", "read_history", "write_history"]

@@ -13,7 +13,6 @@ model is wrapped in DistributedDataParallel; only rank 0 writes files.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Iterator
@@ -30,7 +29,6 @@ from imgcls import config as config_mod
 from imgcls import progress
 from imgcls.config import TrainConfig
 from imgcls.data import BatchAugment, PreparedData, prepare, summarize_report
-from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import features as feat_mod
 from imgcls.engine import runtime as rt_mod
 from imgcls.engine.batches import TrainBatches, Validator
@@ -38,16 +36,9 @@ from imgcls.engine.reporter import METRIC_FIELDS, Reporter
 from imgcls.engine.runtime import Runtime
 from imgcls.engine.state import Checkpoints, TrainState
 from imgcls.engine.step import OptimizerStep, check_finite
-from imgcls.errors import ImgclsError
+from imgcls.errors import ImgclsError, Interrupted
+from imgcls.io import write_json
 from imgcls.models import build_model, check_model_name, data_stats, freeze_stages
-
-
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived; a resumable checkpoint was saved at the step boundary."""
-
-    def __init__(self, signum: int, where: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
-        self.signum = signum
 
 
 @dataclass
@@ -295,12 +286,9 @@ def stop_on_signals() -> Iterator[StopFlag]:
 def write_run_files(run_dir: Path, cfg: TrainConfig, data: PreparedData) -> None:
     """The run folder describes itself: resolved config, class map, data report."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config_mod.to_dict(cfg), indent=2) + "\n")
-    ckpt.atomic_write_text(
-        run_dir / "classes.json",
-        json.dumps({"classes": data.classes, "excluded_classes": data.excluded_classes}, indent=2) + "\n",
-    )
-    ckpt.atomic_write_text(run_dir / "data_report.json", json.dumps(data.report, indent=2) + "\n")
+    config_mod.dump(cfg, run_dir / "config.json")
+    write_json(run_dir / "classes.json", {"classes": data.classes, "excluded_classes": data.excluded_classes})
+    write_json(run_dir / "data_report.json", data.report)
 
 
 def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False) -> tuple[TrainResult, PreparedData]:
@@ -333,4 +321,4 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False) -> tuple[Tra
         rt_mod.teardown(rt)
 
 
-__all__ = ["train", "fit", "Run", "TrainResult", "Interrupted", "epoch_order", "METRIC_FIELDS", "write_run_files", "make_scheduler"]
+__all__ = ["train", "fit", "Run", "TrainResult", "epoch_order", "METRIC_FIELDS", "write_run_files", "make_scheduler"]

@@ -1,4 +1,4 @@
-"""``imgcls explain``: registered by ``imgcls.cli`` when this module exists."""
+"""``imgcls explain``: its arguments and handler, registered by ``imgcls.cli``; imports no torch until run."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,9 @@ import torch
 from imgcls import progress
 from imgcls.data.augment import to_float
 from imgcls.data.images import resize_rgb
-from imgcls.engine import checkpoint as ckpt
 from imgcls.engine.inference import LoadedRun, expand_paths, load_images, load_run
 from imgcls.errors import ImgclsError
+from imgcls.io import write_json
 from imgcls.explain import render
 from imgcls.explain.cam import METHODS, TargetLayer, check_method, compute_cams, resolve_layer, _unchanged
 from imgcls.explain.faithfulness import METRIC, deletion_insertion
@@ -101,10 +100,6 @@ def _public(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ARRAY_KEYS}
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    ckpt.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
-
-
 def _header(run: LoadedRun, methods: list[str], layer: TargetLayer, target: int | None) -> dict:
     return {
         "run": str(run.run_dir),
@@ -159,7 +154,7 @@ def explain_run(
             render.three_panels(batch[rec["index"]].numpy(), rec["heatmap"], rec["overlay"], title=render.title_for(rec), path=Path(rec["figure"]))
         grid = render_grid([r["overlay"] for r in records[:GRID_MAX]], [render.title_for(r) for r in records[:GRID_MAX]], out_dir / f"{method}_grid.png", method=method)
         doc = _header(loaded, [method], tl, t) | {"grids": {method: str(grid)}, "images": [_public(r) for r in records]}
-        _write_json(out_dir / "explain.json", doc)
+        write_json(out_dir / "explain.json", doc)
     return records
 
 
@@ -242,5 +237,5 @@ def explain_paths(
         for m in methods if done
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "explain.json", doc)
+    write_json(out_dir / "explain.json", doc)
     return doc

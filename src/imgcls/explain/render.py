@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from imgcls.report.plots import save_figure  # noqa: E402
+from imgcls.report.plots import save_figure, subplots
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.5) -> np.ndarray:
@@ -40,7 +36,7 @@ def title_for(record: dict) -> str:
 
 def three_panels(image: np.ndarray, heatmap: np.ndarray, ov: np.ndarray, *, title: str, path: Path) -> Path:
     """Original, heat map and overlay side by side, under one title."""
-    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
+    fig, axes = subplots(1, 3, figsize=(7.5, 2.9))
     for ax, img, name in zip(axes, (image, colour(heatmap), ov), ("image", "heat map", "overlay")):
         ax.imshow(img)
         ax.set_title(name, fontsize=8)
@@ -59,7 +55,7 @@ def panel(rows: dict[str, list[np.ndarray]], titles: list[str], path: Path, *, s
         raise ValueError("panel needs at least one row")
     n_cols = max(len(v) for v in rows.values())
     n_rows = len(rows)
-    fig, axes = plt.subplots(n_rows, max(n_cols, 1), figsize=(1.9 * max(n_cols, 1) + 1.2, 2.0 * n_rows), squeeze=False)
+    fig, axes = subplots(n_rows, max(n_cols, 1), figsize=(1.9 * max(n_cols, 1) + 1.2, 2.0 * n_rows), squeeze=False)
     for r, (arm, images) in enumerate(rows.items()):
         for c in range(n_cols):
             ax = axes[r, c]

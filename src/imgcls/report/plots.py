@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Write a figure as PNG (parent folders made) and free it: every plot in imgcls goes through here."""
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """``(figure, axes)`` like ``pyplot.subplots``, without pyplot: no global backend, no figure manager.
+
+    A library user's matplotlib (backend, open windows) is left as it was; the figure is freed with its
+    last reference, and ``savefig`` renders PNG with Agg whatever the backend.
+    """
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a figure as PNG (parent folders made): every plot in imgcls goes through here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -25,7 +31,7 @@ def confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, *, nor
         m = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(classes)
     size = max(4.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig, ax = subplots(figsize=(size, size * 0.9))
     im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -44,7 +50,7 @@ def confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, *, nor
 
 def training_curves(history: list[dict], path: Path, *, title: str = "") -> Path:
     epochs = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a1, a2) = subplots(1, 2, figsize=(10, 3.6))
     a1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     a1.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
     a1.set_xlabel("epoch")
@@ -66,7 +72,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], path: Path, *, cols:
     n = max(len(images), 1)
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t in zip(axes.flat, images, titles):
@@ -78,7 +84,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], path: Path, *, cols:
 
 
 def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig, ax = subplots(figsize=(4.2, 4))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     if bins:
         centers = [(b["lo"] + b["hi"]) / 2 for b in bins]

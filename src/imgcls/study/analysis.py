@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls.errors import ImgclsError
+from imgcls.io import write_csv as io_write_csv
 from imgcls.study import stats
 from imgcls.study.spec import Study, run_dir
 
@@ -248,12 +249,7 @@ def mean_curves(by_arm: dict[str, list[RunResult]], key: str = "val_acc") -> dic
 
 def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
     columns = columns or (list(rows[0]) if rows else [])
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k, "")) for k in columns})
-    return path
+    return io_write_csv(path, columns, [[_fmt(r.get(k, "")) for k in columns] for r in rows])
 
 
 def _fmt(v):

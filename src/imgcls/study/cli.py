@@ -1,4 +1,4 @@
-"""``imgcls study``: registered by ``imgcls.cli`` when this module exists."""
+"""``imgcls study``: its arguments and handler, registered by ``imgcls.cli``; imports no torch until run."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 def cmd_study(args: argparse.Namespace) -> int:
     import sys
 
-    from imgcls.engine.train import Interrupted
+    from imgcls.errors import Interrupted
     from imgcls.study.core import timed_study
     from imgcls.study.executors import make_executor
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgcls import progress
-from imgcls.engine import checkpoint as ckpt
 from imgcls.errors import ImgclsError
+from imgcls.io import write_json, write_text
 from imgcls.study import analysis as agg
 from imgcls.study import plots, report, runner
 from imgcls.study.executors import Executor, LocalExecutor
@@ -46,7 +45,7 @@ def run_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, re
     else:
         todo = runner.prepare_runs(planned, out, rerun_stale=rerun_stale)
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(out / "study.json", json.dumps(study.to_dict(), indent=2) + "\n")
+        write_json(out / "study.json", study.to_dict())
         progress.say(f"study {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds = {len(planned)} runs; "
                      f"{done} finished, {sum(r.state == 'resume' for r in todo)} to continue, "
                      f"{sum(r.state == 'new' for r in todo)} to train")
@@ -96,7 +95,7 @@ def aggregate(study: Study, out: Path, *, skip: set[tuple[str, int]] = frozenset
         files.append(panel_path)
     md = report.render(study, summary, per_class, confusion, left_out, missing=missing, classes=classes,
                          curves=curves, panel_note=panel_note)
-    ckpt.atomic_write_text(out / "summary.md", md)
+    write_text(out / "summary.md", md)
     files.insert(0, out / "summary.md")
     return StudyResult(out=out, trained=0, skipped=0, summary=summary, missing=missing, files=files, panel_note=panel_note)
 

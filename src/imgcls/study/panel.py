@@ -11,8 +11,8 @@ import json
 import random
 from pathlib import Path
 
-from imgcls.engine import checkpoint as ckpt
 from imgcls.errors import ImgclsError
+from imgcls.io import write_json
 from imgcls.study.analysis import RunResult
 from imgcls.study.spec import Study
 
@@ -40,7 +40,7 @@ def _fixed_images(study: Study, out: Path, base: RunResult) -> list[dict]:
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))["images"]
     images = choose_images(base, study.panel_per_class)
-    ckpt.atomic_write_text(path, json.dumps({"seed": PANEL_SEED, "per_class": study.panel_per_class, "images": images}, indent=2) + "\n")
+    write_json(path, {"seed": PANEL_SEED, "per_class": study.panel_per_class, "images": images})
     return images
 
 
@@ -48,10 +48,6 @@ def gradcam_panel(study: Study, out: Path, by_arm: dict[str, list[RunResult]]) -
     """Render ``gradcam_panel.png``; returns its path (or None) and a one-line note when skipped."""
     if study.panel_per_class == 0:
         return None, "Grad-CAM panel: off (panel_per_class: 0)."
-    try:
-        from imgcls.explain import explain_run, panel  # written in parallel; optional
-    except (ImportError, AttributeError):
-        return None, "Grad-CAM panel skipped: imgcls.explain (explain_run, panel) is not available."
     runs = {arm: next((r for r in rs if r.seed == study.seeds[0]), None) for arm, rs in by_arm.items()}
     runs = {arm: r for arm, r in runs.items() if r is not None}
     base = runs.get(study.baseline)
@@ -65,7 +61,9 @@ def gradcam_panel(study: Study, out: Path, by_arm: dict[str, list[RunResult]]) -
     key_file = out / "gradcam_panel.json"
     if target.is_file() and key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) == key:
         return target, ""
+    # torch and pytorch-grad-cam load only when a panel is drawn
     from imgcls.engine.inference import load_images
+    from imgcls.explain import explain_run, panel
 
     size = int(json.loads((base.path / "config.json").read_text(encoding="utf-8"))["img_size"])  # resolved, never 0
     images, ok, _bad = load_images([Path(c["path"]) for c in chosen], size)
@@ -83,5 +81,5 @@ def gradcam_panel(study: Study, out: Path, by_arm: dict[str, list[RunResult]]) -
     titles = list(labels)
     layer = study.panel_layer or "last feature map"
     panel(rows, titles, target, suptitle=f"Grad-CAM ({layer}) of the same test images (column title: true class)")
-    ckpt.atomic_write_text(key_file, json.dumps(key, indent=2) + "\n")
+    write_json(key_file, key)
     return target, ""

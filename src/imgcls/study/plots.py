@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from imgcls.report.plots import plt, save_figure  # importing it selects the Agg backend: files only, no display
+from imgcls.report.plots import save_figure, subplots
 
 
 def accuracy_by_arm(rows: list[dict], seeds: dict[str, list[float]], path: Path, *, baseline: str, title: str = "") -> Path:
     """Mean test accuracy per arm with its 95% CI, each seed as a dot, the baseline mean as a line."""
     arms = [r["arm"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(arms) + 2), 4))
+    fig, ax = subplots(figsize=(max(5.0, 1.1 * len(arms) + 2), 4))
     x = np.arange(len(arms))
     means = np.array([100 * r["mean"] for r in rows])
     lo = np.array([100 * r["ci_low"] if not math.isnan(r["ci_low"]) else np.nan for r in rows])
@@ -50,8 +51,8 @@ def per_class_delta(rows: list[dict], arms: list[str], classes: list[str], path:
             m[arms.index(r["arm"]), classes.index(r["class"])] = 100 * r["delta"]
     lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
     lim = max(lim, 1.0)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(classes) + 2.5), max(2.5, 0.5 * len(arms) + 1.5)))
-    cmap = plt.get_cmap("RdBu").with_extremes(bad="0.8")
+    fig, ax = subplots(figsize=(max(5.0, 0.9 * len(classes) + 2.5), max(2.5, 0.5 * len(arms) + 1.5)))
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.8")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_yticks(range(len(arms)), arms)
@@ -67,7 +68,7 @@ def per_class_delta(rows: list[dict], arms: list[str], classes: list[str], path:
 
 def curves(curves_by_arm: dict[str, tuple[list[int], list[float], list[float], list[float]]], path: Path, *, key: str = "val_acc") -> Path:
     """Validation accuracy vs epoch per arm: the mean over seeds, the band from the lowest to the highest seed."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = subplots(figsize=(6.5, 4))
     for k, (arm, (epochs, mean, lo, hi)) in enumerate(curves_by_arm.items()):
         if not epochs:
             continue
