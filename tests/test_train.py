@@ -305,6 +305,31 @@ def test_resume_on_another_device_type_restarts_the_augmentation_stream_with_a_n
     assert torch.equal(s.aug_gen.get_state(), torch.Generator().manual_seed(7 + 5).get_state())
 
 
+def test_background_checkpoint_writes_land_and_report_their_errors(tmp_path):
+    """The GPU mode of Checkpoints (a writer thread), driven on the CPU: the file that lands is the state at
+    the time of the call (copied before training goes on); a failed write is raised on the
+    next save, not lost."""
+    from imgcls.engine.state import Checkpoints
+
+    state = _state(1)
+    ckpts = Checkpoints(tmp_path / "run", {"classes": ["a", "b", "c"]}, Runtime(device=CPU))
+    ckpts.background = True
+    saved = {k: v.clone() for k, v in state.model.state_dict().items()}
+    ckpts.save(state, best_val_acc=0.5)
+    with torch.no_grad():
+        for p in state.model.parameters():
+            p.add_(1.0)  # the next steps, while the writer runs
+    ckpts.wait()
+    tensors, meta = ckpt.load(ckpts.last)
+    assert meta["kind"] == "full" and all(torch.equal(tensors[f"model.{k}"], v) for k, v in saved.items())
+    assert ckpt.load(ckpts.best)[1]["val_acc"] == 0.5
+    ckpts.last.unlink()
+    ckpts.last.mkdir()  # a folder where the file should go: the write fails
+    ckpts.save(state)
+    with pytest.raises(OSError):
+        ckpts.wait()
+
+
 def test_cuda_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -57,7 +57,6 @@ class TrainResult:
 
 def fit(cfg: TrainConfig, run_dir: Path, data: PreparedData, rt: Runtime, *, resume: bool = False) -> TrainResult:
     """Train on ``data`` into ``run_dir`` (continuing its last checkpoint when ``resume``)."""
-    t0 = time.perf_counter()
     run = Run.build(cfg, data, rt)
     state = run.state
     ckpts = Checkpoints(run_dir, run.meta(data), rt)
@@ -67,6 +66,7 @@ def fit(cfg: TrainConfig, run_dir: Path, data: PreparedData, rt: Runtime, *, res
     report.say(run.describe())
     if resume:
         report.say(f"resumed {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}" + (f"; {note}" if note else ""))
+    t0 = time.perf_counter()  # wall time from here: the frozen-feature cache counts, building the model does not
     batches, validate = run.batches(data)
     stopped_early = False
     with stop_on_signals() as stop:
