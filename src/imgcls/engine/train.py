@@ -61,7 +61,7 @@ def fit(cfg: TrainConfig, run_dir: Path, data: PreparedData, rt: Runtime, *, res
     state = run.state
     ckpts = Checkpoints(run_dir, run.meta(data), rt)
     if resume:
-        note = ckpts.load(state, classes=data.classes, reseed=run.aug_seed)
+        note = ckpts.load(state, classes=data.classes, reseed=aug_seed(cfg, rt))
     report = Reporter(run_dir, cfg, is_main=rt.is_main, done_epochs=state.epoch)
     report.say(run.describe())
     if resume:
@@ -169,7 +169,7 @@ class Run:
             model=model, optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer, steps_per_epoch),
             scaler=torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16"),
             ema=timm.utils.ModelEmaV3(model, decay=cfg.ema) if cfg.ema > 0 else None,
-            aug_gen=torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000 + rt.rank),
+            aug_gen=torch.Generator(device=rt.device).manual_seed(aug_seed(cfg, rt)),
         )
         step = OptimizerStep(state, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision=precision,
                              device=rt.device, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip)
@@ -184,10 +184,6 @@ class Run:
             f"model {cfg.model}{' (pretrained)' if cfg.pretrained else ''}: {params:.1f}M params, "
             f"{self.precision}{' channels_last' if self.channels_last else ''} on {rt.device}" + (f" x {rt.world} ranks" if rt.distributed else "")
         )
-
-    @property
-    def aug_seed(self) -> int:
-        return self.cfg.seed * 1000 + self.rt.rank
 
     def train_mode(self) -> None:
         self.state.model.train()
@@ -230,6 +226,11 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
         optimizer, t_initial=max(steps_per_epoch * cfg.epochs, 1) if cosine else 10**12, lr_min=cfg.lr * 0.01 if cosine else cfg.lr,
         warmup_t=int(round(cfg.warmup_epochs * steps_per_epoch)), warmup_lr_init=cfg.lr * 0.01, warmup_prefix=False, t_in_epochs=False,
     )
+
+
+def aug_seed(cfg: TrainConfig, rt: Runtime) -> int:
+    """Seed of a rank's augmentation generator: each rank draws its own augmentations."""
+    return cfg.seed * 1000 + rt.rank
 
 
 def epoch_order(seed: int, epoch: int, n: int, rt: Runtime) -> torch.Tensor:
