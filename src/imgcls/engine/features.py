@@ -23,6 +23,7 @@ from torch import nn
 
 from imgcls.data.augment import to_float
 from imgcls.engine.runtime import autocast
+from imgcls.models import families
 
 # Above this the cache is not built and training runs the frozen stages every step as usual.
 MAX_BYTES = 6 * 2**30
@@ -30,45 +31,12 @@ AUGMENTS = ("none", "flip")
 
 
 def split_forward(model: nn.Module, n_frozen: int) -> tuple[Callable, Callable] | None:
-    """``(frozen, rest)`` with ``rest(frozen(x)) == model(x)`` for the model families ``freeze_stages`` knows
-    (stage 0 is the stem); None for any other model (the caller then keeps the plain path)."""
+    """``(frozen, rest)`` with ``rest(frozen(x)) == model(x)``, the frozen part being what ``freeze_stages``
+    froze (stage 0 is the stem); None when nothing is frozen. Both come from the one family table
+    (``models.families``): a family it does not know raises ImgclsError, as ``freeze_stages`` does."""
     if n_frozen <= 0:
         return None
-    if hasattr(model, "conv_stem") and hasattr(model, "blocks") and hasattr(model, "forward_head"):
-        blocks = list(model.blocks)  # EfficientNet / MobileNet family: stem, blocks, conv_head, bn2, head
-        if n_frozen - 1 > len(blocks):
-            return None
-
-        def frozen(x):
-            x = model.bn1(model.conv_stem(x))
-            for b in blocks[: n_frozen - 1]:
-                x = b(x)
-            return x
-
-        def rest(x):
-            for b in blocks[n_frozen - 1 :]:
-                x = b(x)
-            return model.forward_head(model.bn2(model.conv_head(x)))
-
-        return frozen, rest
-    if hasattr(model, "conv1") and hasattr(model, "layer1") and hasattr(model, "maxpool") and hasattr(model, "forward_head"):
-        layers = [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
-        if n_frozen - 1 > len(layers):
-            return None
-
-        def frozen(x):
-            x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
-            for layer in layers[: n_frozen - 1]:
-                x = layer(x)
-            return x
-
-        def rest(x):
-            for layer in layers[n_frozen - 1 :]:
-                x = layer(x)
-            return model.forward_head(x)
-
-        return frozen, rest
-    return None
+    return families.split(model, n_frozen)
 
 
 class FrozenFeatureCache:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from imgcls.errors import ImgclsError
+from imgcls.models import families
 
 # name -> (pytorch_grad_cam class name, needs gradients)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -109,16 +110,17 @@ def _no_spatial_map(model: nn.Module, shape: tuple[int, ...]) -> ImgclsError:
 
 
 def resolve_layer(model: nn.Module, img_size: int, layer: str | None = None) -> TargetLayer:
-    """The layer to explain: ``layer`` (a dotted module name) or, by default, the last module whose
-    output is the spatial map ``forward_features`` returns (``layer4`` in a ResNet, ``bn2`` in an
-    EfficientNet). Raises ImgclsError for unknown names and for models without a ``B x C x H x W`` map
-    (a ViT's tokens, for example)."""
+    """The layer to explain: ``layer`` (a dotted module name) or, by default, the module whose output is
+    the spatial map ``forward_features`` returns: the family table's (``models.families``: ``layer4`` in
+    a ResNet, ``bn2`` in an EfficientNet) or, for another CNN, the last module found giving that map.
+    Raises ImgclsError for unknown names and for models without a ``B x C x H x W`` map (a ViT's tokens,
+    for example)."""
     order, ff_shape = _spatial_outputs(model, img_size)
     shapes = dict(order)  # a module called twice keeps its last output
     if layer is None:
         if len(ff_shape) != 4:
             raise _no_spatial_map(model, ff_shape)
-        name = next((n for n, s in reversed(order) if s == ff_shape), None)
+        name = families.cam_layer(model) or next((n for n, s in reversed(order) if s == ff_shape), None)
         if name is None:
             raise ImgclsError(f"no module of {type(model).__name__} outputs its feature map; pass --layer NAME")
     else:

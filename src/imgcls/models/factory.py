@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from imgcls.errors import ImgclsError
+from imgcls.models import families
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -194,23 +195,17 @@ def data_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def feature_stages(model: nn.Module) -> list[nn.Module]:
-    """Leading modules of the feature extractor in forward order (for freezing); stem counts as stage 0."""
-    if hasattr(model, "blocks") and hasattr(model, "conv_stem"):  # EfficientNet / MobileNet family
-        stem = [m for m in (model.conv_stem, getattr(model, "bn1", None)) if m is not None]
-        return [nn.ModuleList(stem), *list(model.blocks)]
-    if hasattr(model, "layer1") and hasattr(model, "conv1"):  # ResNet family
-        stem = [m for m in (model.conv1, getattr(model, "bn1", None)) if m is not None]
-        return [nn.ModuleList(stem)] + [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
-    if hasattr(model, "stages"):
-        stem = getattr(model, "stem", None)
-        return ([stem] if stem is not None else []) + list(model.stages)
-    raise ImgclsError(f"freezing stages is not supported for {type(model).__name__}; use freeze=0")
+    """The stem (stage 0) and the stages of the feature extractor in forward order, from the family table
+    (``models.families``); ImgclsError for a family not in it."""
+    return families.stages(model)
 
 
 def freeze_stages(model: nn.Module, n: int) -> list[nn.Module]:
-    """Freeze the first ``n`` feature stages (stem included); they also stay in eval mode (BN stats fixed)."""
+    """Freeze the first ``n`` feature stages (stem included); they also stay in eval mode (BN stats fixed).
+    ImgclsError when the family is not in the table or has fewer than ``n`` stages."""
     if n <= 0:
         return []
+    families.split(model, n)  # checks the family and the count
     stages = feature_stages(model)[:n]
     for stage in stages:
         for p in stage.parameters():
