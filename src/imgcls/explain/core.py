@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,11 @@ from imgcls.data.augment import to_float
 from imgcls.data.images import resize_rgb
 from imgcls.engine.inference import LoadedRun, expand_paths, load_images, load_run
 from imgcls.errors import ImgclsError
-from imgcls.io import write_json
 from imgcls.explain import render
 from imgcls.explain.cam import METHODS, TargetLayer, check_method, compute_cams, resolve_layer, _unchanged
 from imgcls.explain.faithfulness import METRIC, deletion_insertion
+from imgcls.io import write_json
+from imgcls.report import plots
 
 STEPS = 10  # deletion / insertion steps
 GRID_MAX = 48  # overlays kept in memory for each method's grid
@@ -79,6 +81,10 @@ def explain_images(
     return records
 
 
+def _public(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ARRAY_KEYS}
+
+
 def _as_uint8_batch(images, size: int) -> torch.Tensor:
     arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
@@ -96,8 +102,10 @@ def _true_name(label, run: LoadedRun) -> str | None:
     return str(label)
 
 
-def _public(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ARRAY_KEYS}
+def _true_from_folder(path: Path, run: LoadedRun) -> str | None:
+    """A parent folder named like a class gives the true label."""
+    name = path.parent.name
+    return name if name in run.classes or name in run.excluded_classes else None
 
 
 def _header(run: LoadedRun, methods: list[str], layer: TargetLayer, target: int | None) -> dict:
@@ -112,6 +120,80 @@ def _header(run: LoadedRun, methods: list[str], layer: TargetLayer, target: int 
     }
 
 
+# -- the pipeline: chunks of images -> explained records -> files ------------------------------------
+
+Chunk = tuple[torch.Tensor, list[dict]]  # N x S x S x 3 uint8 at the run's size, and per image {index, path, true}
+
+
+def explained(
+    run: LoadedRun,
+    chunks: Iterable[Chunk],
+    *,
+    methods: list[str],
+    layer: TargetLayer,
+    target: int | None,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, dict]]:
+    """``(image, record)`` per image and method, chunk by chunk: the chunk's info (``index``, ``path``,
+    ``true``), then :func:`explain_images`' fields, and ``overlay``. Only one chunk is held at a time."""
+    for images, infos in chunks:
+        for m in methods:
+            for i0 in range(0, len(images), batch_size):
+                part = images[i0 : i0 + batch_size]
+                for j, rec in enumerate(explain_images(run, part, method=m, layer=layer, target=target, batch_size=batch_size)):
+                    img = part[j].numpy()
+                    rec = {**infos[i0 + j], **rec}
+                    rec["overlay"] = render.overlay(img, rec["heatmap"])
+                    yield img, rec
+                if on_batch is not None:
+                    on_batch(len(part))
+
+
+class ExplainWriter:
+    """Writes what ``imgcls explain`` leaves in a folder: a three-panel figure per image and method,
+    ``<method>_grid.png`` (the first ``GRID_MAX`` overlays) and ``explain.json``."""
+
+    def __init__(self, out_dir: Path, doc: dict):
+        self.out_dir = Path(out_dir)
+        self.doc = doc  # the header; images, grids and summary are added
+        self.records: list[dict] = []
+        self.grids: dict[str, tuple[list[np.ndarray], list[str]]] = {m: ([], []) for m in doc["methods"]}
+
+    def add(self, image: np.ndarray, rec: dict) -> None:
+        """Draw ``rec``'s figure (its path is stored in ``rec["figure"]``) and keep its JSON fields."""
+        path = rec.get("path")
+        name = f"{rec['index']:05d}" + (f"_{Path(path).stem}" if path else "")
+        rec["figure"] = str(self.out_dir / rec["method"] / f"{name}.png")
+        title = render.title_for(rec)
+        render.three_panels(image, rec["heatmap"], rec["overlay"], title=f"{Path(path).name}\n{title}" if path else title, path=Path(rec["figure"]))
+        overlays, titles = self.grids[rec["method"]]
+        if len(overlays) < GRID_MAX:
+            overlays.append(rec["overlay"])
+            titles.append(title.replace(" | ", "\n"))
+        self.records.append(_public(rec))
+
+    def finish(self, *, n_images: int, skipped: list[dict]) -> dict:
+        """Write the grids and ``explain.json``; returns the document."""
+        doc = dict(self.doc)
+        doc["grids"] = {
+            m: str(plots.image_grid(ov, titles, self.out_dir / f"{m}_grid.png", suptitle=f"{m} overlays"))
+            for m, (ov, titles) in self.grids.items() if ov
+        }
+        doc["n_images"] = n_images
+        doc["images"] = self.records
+        doc["skipped"] = skipped
+        doc["summary"] = {
+            m: {
+                "mean_deletion_auc": float(np.mean([r["deletion_auc"] for r in self.records if r["method"] == m])),
+                "mean_insertion_auc": float(np.mean([r["insertion_auc"] for r in self.records if r["method"] == m])),
+            }
+            for m in doc["methods"] if n_images
+        }
+        write_json(self.out_dir / "explain.json", doc)
+        return doc
+
+
 def explain_run(
     run: str | Path | LoadedRun,
     images,
@@ -120,7 +202,7 @@ def explain_run(
     method: str = "gradcam",
     layer: str | None = None,
     target: str | None = None,
-    out_dir: Path | None = None,
+    out_dir: str | Path | None = None,
     batch_size: int = 16,
 ) -> list[dict]:
     """Explain fixed images with one method; for studies that show the same images through every arm.
@@ -129,10 +211,10 @@ def explain_run(
     ``images``: ``N x H x W x 3`` uint8 (NumPy or torch), resized to the run's size when needed.
     ``true_labels``: class names or indices (or None entries), or None. ``target``: a class name to
     explain instead of each prediction ("why not X?"). With ``out_dir``, also writes the three-panel
-    figures, ``<method>_grid.png`` and ``explain.json`` there.
+    figures, ``<method>_grid.png`` and ``explain.json`` there, as ``imgcls explain`` does.
 
-    Returns one dict per image: ``index``, ``true``, ``prediction``, ``probability``, ``target``,
-    ``target_probability``, ``method``, ``layer``, ``deletion_auc``, ``insertion_auc`` (see
+    Returns one dict per image: ``index``, ``path`` (None), ``true``, ``prediction``, ``probability``,
+    ``target``, ``target_probability``, ``method``, ``layer``, ``deletion_auc``, ``insertion_auc`` (see
     ``faithfulness.METRIC``), ``heatmap`` (``S x S`` float32 in [0, 1]) and ``overlay``
     (``S x S x 3`` uint8 RGB, ready for :func:`panel`), where S is the run's image size.
     """
@@ -140,40 +222,25 @@ def explain_run(
     batch = _as_uint8_batch(images, loaded.img_size)
     if true_labels is not None and len(true_labels) != len(batch):
         raise ImgclsError(f"{len(true_labels)} true labels for {len(batch)} images")
+    method = check_method(method)
     tl = resolve_layer(loaded.model, loaded.img_size, layer)
     t = class_index(loaded, target)
-    records = explain_images(loaded, batch, method=check_method(method), layer=tl, target=t, batch_size=batch_size)
-    for i, rec in enumerate(records):
-        rec["index"] = i
-        rec["true"] = _true_name(true_labels[i], loaded) if true_labels is not None else None
-        rec["overlay"] = render.overlay(batch[i].numpy(), rec["heatmap"])
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        for rec in records:
-            rec["figure"] = str(out_dir / method / f"{rec['index']:05d}.png")
-            render.three_panels(batch[rec["index"]].numpy(), rec["heatmap"], rec["overlay"], title=render.title_for(rec), path=Path(rec["figure"]))
-        grid = render_grid([r["overlay"] for r in records[:GRID_MAX]], [render.title_for(r) for r in records[:GRID_MAX]], out_dir / f"{method}_grid.png", method=method)
-        doc = _header(loaded, [method], tl, t) | {"grids": {method: str(grid)}, "images": [_public(r) for r in records]}
-        write_json(out_dir / "explain.json", doc)
+    infos = [{"index": i, "path": None, "true": _true_name(true_labels[i], loaded) if true_labels is not None else None} for i in range(len(batch))]
+    writer = ExplainWriter(Path(out_dir), _header(loaded, [method], tl, t)) if out_dir is not None else None
+    records = []
+    for img, rec in explained(loaded, [(batch, infos)], methods=[method], layer=tl, target=t, batch_size=batch_size):
+        if writer is not None:
+            writer.add(img, rec)
+        records.append(rec)
+    if writer is not None:
+        writer.finish(n_images=len(batch), skipped=[])
     return records
-
-
-def render_grid(overlays: list[np.ndarray], titles: list[str], path: Path, *, method: str) -> Path:
-    from imgcls.report import plots
-
-    return plots.image_grid(overlays, titles, path, suptitle=f"{method} overlays")
-
-
-def _true_from_folder(path: Path, run: LoadedRun) -> str | None:
-    """A parent folder named like a class gives the true label."""
-    name = path.parent.name
-    return name if name in run.classes or name in run.excluded_classes else None
 
 
 def explain_paths(
     run_dir: str | Path,
-    inputs: list[str],
-    out_dir: Path,
+    inputs: list[str | Path],
+    out_dir: str | Path,
     *,
     method: str = "gradcam",
     layer: str | None = None,
@@ -192,50 +259,23 @@ def explain_paths(
     run = load_run(run_dir, device=device)
     tl = resolve_layer(run.model, run.img_size, layer)
     t = class_index(run, target)
-    paths = expand_paths(inputs)
+    paths = expand_paths([str(p) for p in inputs])
     if not paths:
         raise ImgclsError("no image files found in the given paths")
-    out_dir = Path(out_dir)
-    records: list[dict] = []
     skipped: list[dict] = []
-    grids: dict[str, tuple[list[np.ndarray], list[str]]] = {m: ([], []) for m in methods}
-    done = 0  # usable images before the current chunk: numbers the figures
-    with progress.task(f"explaining ({', '.join(methods)})", len(paths) * len(methods)) as bar:
+    n_ok = 0  # usable images so far: numbers the figures
+
+    def chunks(bar: progress.Task) -> Iterator[Chunk]:
+        nonlocal n_ok
         for start in range(0, len(paths), CHUNK):
             images, ok, bad = load_images(paths[start : start + CHUNK], run.img_size)
             skipped.extend(bad)
             bar.advance(len(bad) * len(methods))
-            for m in methods:
-                for i0 in range(0, len(ok), batch_size):
-                    part = images[i0 : i0 + batch_size]
-                    explained = explain_images(run, part, method=m, layer=tl, target=t, batch_size=batch_size)
-                    for j, rec in enumerate(explained):
-                        path, img = ok[i0 + j], part[j].numpy()
-                        heat = rec.pop("heatmap")
-                        rec = {"path": str(path), "true": _true_from_folder(path, run), **rec}
-                        figure = out_dir / m / f"{done + i0 + j:05d}_{path.stem}.png"
-                        rec["figure"] = str(figure)
-                        ov = render.overlay(img, heat)
-                        title = render.title_for(rec)
-                        render.three_panels(img, heat, ov, title=f"{path.name}\n{title}", path=figure)
-                        if len(grids[m][0]) < GRID_MAX:
-                            grids[m][0].append(ov)
-                            grids[m][1].append(title.replace(" | ", "\n"))
-                        records.append(rec)
-                    bar.advance(len(part))
-            done += len(ok)
-    doc = _header(run, methods, tl, t)
-    doc["grids"] = {m: str(render_grid(*grids[m], out_dir / f"{m}_grid.png", method=m)) for m in methods if grids[m][0]}
-    doc["n_images"] = done
-    doc["images"] = records
-    doc["skipped"] = skipped
-    doc["summary"] = {
-        m: {
-            "mean_deletion_auc": float(np.mean([r["deletion_auc"] for r in records if r["method"] == m])),
-            "mean_insertion_auc": float(np.mean([r["insertion_auc"] for r in records if r["method"] == m])),
-        }
-        for m in methods if done
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "explain.json", doc)
-    return doc
+            yield images, [{"index": n_ok + i, "path": str(p), "true": _true_from_folder(p, run)} for i, p in enumerate(ok)]
+            n_ok += len(ok)
+
+    writer = ExplainWriter(Path(out_dir), _header(run, methods, tl, t))
+    with progress.task(f"explaining ({', '.join(methods)})", len(paths) * len(methods)) as bar:
+        for img, rec in explained(run, chunks(bar), methods=methods, layer=tl, target=t, batch_size=batch_size, on_batch=bar.advance):
+            writer.add(img, rec)  # the arrays go with the record: memory stays bounded
+    return writer.finish(n_images=n_ok, skipped=skipped)
