@@ -1,4 +1,5 @@
-"""Live progress lines (rich) with speed and ETA; quiet when ``IMGCLS_QUIET=1`` or not rank 0."""
+"""Live progress lines (rich) with speed and ETA; quiet when ``IMGCLS_QUIET=1``, not rank 0, or inside
+:func:`quiet` (the Python API's default: a library prints nothing unless asked)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,27 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+_silenced: ContextVar[bool] = ContextVar("imgcls_silenced", default=False)
 
 
 def enabled() -> bool:
-    return os.environ.get("IMGCLS_QUIET", "") != "1" and int(os.environ.get("RANK", "0")) == 0
+    return not _silenced.get() and os.environ.get("IMGCLS_QUIET", "") != "1" and int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def quiet(on: bool = True) -> Iterator[None]:
+    """No progress bars or lines inside (when ``on``); the previous setting comes back on exit."""
+    token = _silenced.set(on or _silenced.get())
+    try:
+        yield
+    finally:
+        _silenced.reset(token)
 
 
 class Task:

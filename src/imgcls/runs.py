@@ -83,8 +83,9 @@ def _misclassified_grid(split: Split, logits: torch.Tensor, classes: list[str], 
     plots.image_grid(images, titles, path, suptitle="most confident mistakes")
 
 
-def train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool = False) -> dict:
+def train_and_evaluate(cfg: TrainConfig, *, run_dir: str | Path, resume: bool = False) -> dict:
     """``imgcls train``: train, then evaluate the best checkpoint on the test split; returns the summary."""
+    run_dir = Path(run_dir)
     t0 = time.perf_counter()
     result, data = train(cfg, run_dir=run_dir, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 evaluates; IMGCLS_QUIET must not skip it
@@ -115,8 +116,9 @@ def train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool = False)
     return summary
 
 
-def eval_command(run_dir: Path, data: str | None, out_dir: Path | None, *, tta: bool | None = None, device: str = "auto") -> dict:
+def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Path | None, *, tta: bool | None = None, device: str = "auto") -> dict:
     """``imgcls eval``: by default the run's own test split; DATA maps labels onto the run's classes by name."""
+    run_dir, out_dir, data = Path(run_dir), out_dir and Path(out_dir), data and str(data)
     loaded = load_run(run_dir, device=device)
     source = data or loaded.config.data
     if data is None:
@@ -142,8 +144,28 @@ def eval_command(run_dir: Path, data: str | None, out_dir: Path | None, *, tta: 
     return evaluate_split(loaded, split, out, excluded=excluded, tta=loaded.config.tta if tta is None else tta)
 
 
-def predict_command(run_dir: Path, inputs: list[str], out: Path | None, *, topk: int = 5, device: str = "auto") -> tuple[list[dict], list[dict]]:
+def predict_images(loaded: LoadedRun, images: torch.Tensor, paths: list, *, topk: int, model: torch.nn.Module | None = None) -> list[dict]:
+    """Top-k rows (``path``, ``label``, ``confidence``, ``topk``) for ``N x S x S x 3`` uint8 images at the
+    run's size; ``model`` is the run's model or an inference copy of it (``inference_model``)."""
+    logits = predict_logits(
+        model or loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device,
+        precision=loaded.precision, tta=loaded.config.tta,
+    )
+    top = logits.softmax(1).topk(min(topk, len(loaded.classes)), dim=1)
+    return [
+        {
+            "path": p,
+            "label": loaded.classes[idx[0]],
+            "confidence": vals[0],
+            "topk": [{"label": loaded.classes[i], "prob": v} for i, v in zip(idx, vals)],
+        }
+        for p, vals, idx in zip(paths, top.values.tolist(), top.indices.tolist())
+    ]
+
+
+def predict_command(run_dir: str | Path, inputs: list[str | Path], out: str | Path | None, *, topk: int = 5, device: str = "auto") -> tuple[list[dict], list[dict]]:
     """``imgcls predict``: top-k labels per image, to CSV or JSON (by the output's extension)."""
+    inputs, out = [str(i) for i in inputs], out and Path(out)
     loaded = load_run(run_dir, device=device)
     paths = expand_paths(inputs)
     if not paths:
@@ -160,18 +182,7 @@ def predict_command(run_dir: Path, inputs: list[str], out: Path | None, *, topk:
             if len(ok):
                 if model is None:
                     model = inference_model(loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device)
-                logits = predict_logits(
-                    model, images, mean=loaded.mean, std=loaded.std, device=loaded.device,
-                    precision=loaded.precision, tta=loaded.config.tta,
-                )
-                top = logits.softmax(1).topk(k, dim=1)
-                for p, vals, idx in zip(ok, top.values.tolist(), top.indices.tolist()):
-                    rows.append({
-                        "path": str(p),
-                        "label": loaded.classes[idx[0]],
-                        "confidence": vals[0],
-                        "topk": [{"label": loaded.classes[i], "prob": v} for i, v in zip(idx, vals)],
-                    })
+                rows.extend(predict_images(loaded, images, [str(p) for p in ok], topk=k, model=model))
             bar.advance(len(paths[start : start + chunk]))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

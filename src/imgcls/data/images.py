@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgcls.errors import ImgclsError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 BACKGROUND = (255, 255, 255)  # alpha is composited on white, the way viewers show transparent images
 
@@ -101,6 +103,21 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = None) -> tuple[np.ndarra
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise BadImage(f"unexpected decoded shape {arr.shape}")
     return arr, mode
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """An in-memory image as the loader would give it: a PIL image (EXIF orientation applied, converted
+    like a file) or an ``H x W x 3`` uint8 array (as is) -> ``H x W x 3`` uint8."""
+    if isinstance(image, Image.Image):
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # malformed EXIF: the pixels as stored, as for files
+            pass
+        return np.asarray(_to_rgb(image), dtype=np.uint8)
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
+        raise ImgclsError(f"an in-memory image must be a PIL image or an H x W x 3 uint8 array, got {arr.dtype} {list(arr.shape)}")
+    return arr
 
 
 def resize_rgb(arr: np.ndarray, size: int) -> np.ndarray:
