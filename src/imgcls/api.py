@@ -32,10 +32,11 @@ def train(data: str | Path, *, out: str | Path | None = None, config: str | Path
     ``options`` are config keys (``model``, ``epochs``, ``img_size``, ``lr``, ``recipe``, ... as in
     ``imgcls train --help``, with underscores), checked like ``--set``: an unknown key or a wrong type is
     an :class:`~imgcls.errors.ImgclsError`. ``config`` is a YAML/JSON file of keys; ``options`` win over it.
-    ``out`` defaults to ``runs/<data>-<model>``, as on the command line.
+    As on the command line, with neither ``model`` nor ``recipe`` the default recipe (fast-finetune)
+    applies, and ``out`` defaults to ``runs/<data>-<model>``.
     """
-    cfg = config_mod.resolve(flags={**options, "data": str(data)}, file=config)
-    run_dir = Path(out) if out is not None else Path("runs") / f"{Path(cfg.data).name}-{cfg.model}"
+    cfg = config_mod.resolve(flags={**options, "data": str(data)}, file=config, default_recipe=config_mod.DEFAULT_RECIPE)
+    run_dir = Path(out) if out is not None else Path("runs") / f"{Path(cfg.data).resolve().name or 'data'}-{cfg.model}"
     from imgcls.runs import train_and_evaluate
 
     with progress.quiet(not verbose):
