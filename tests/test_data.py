@@ -147,7 +147,7 @@ def test_cache_is_reused_and_keyed_by_content(split_root, monkeypatch):
 
     calls = []
     real = cache._decode_one
-    monkeypatch.setattr(cache, "_decode_one", lambda p, s: calls.append(p) or real(p, s))
+    monkeypatch.setattr(cache, "_decode_one", lambda p, *a: calls.append(p) or real(p, *a))
     prepare(TrainConfig(data=str(split_root)))
     assert calls == []  # unchanged files: nothing decoded again
     class_image(2, 77).save(split_root / "train" / "cat" / "cat_0.png")  # content changes

@@ -35,6 +35,9 @@ HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "split_seed": "seed of the train/val/test carving (kept fixed across training seeds)",
     "tensorboard": "write TensorBoard event files under RUN/tensorboard (default on)",
+    "resize": "squash (default) | crop (centre square) | pad (to a square, ImageNet-mean grey): how images become square",
+    "balance": "none | sampler (every class drawn equally often) | weights (effective-number loss weights)",
+    "select": "accuracy | macro_f1 | balanced_accuracy: the val score that picks the best checkpoint",
 }
 
 

@@ -26,6 +26,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NORMS = ("default", "none")
 SCHEDULES = ("cosine", "constant")
 RECIPES = ("none", "fast-finetune")
+RESIZES = ("squash", "crop", "pad")
+BALANCES = ("none", "sampler", "weights")
+SELECTS = ("accuracy", "macro_f1", "balanced_accuracy")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class TrainConfig:
     split_seed: int = 0  # fixed across training seeds, so every seed sees the same splits
     exclude_classes: tuple[str, ...] = ()
     max_bad_fraction: float = 0.05
+    resize: str = "squash"  # squash | crop (centre square) | pad (to a square, ImageNet-mean grey)
     # model
     model: str = "resnet18"
     pretrained: bool = False
@@ -66,6 +70,8 @@ class TrainConfig:
     augment: str = "flip-rotate"
     seed: int = 0
     patience: int = 0  # early stopping on val accuracy; 0 = off
+    balance: str = "none"  # none | sampler (class-balanced epoch order) | weights (effective-number loss weights)
+    select: str = "accuracy"  # the val score that picks the best checkpoint: accuracy | macro_f1 | balanced_accuracy
     tta: bool = False  # flip test-time augmentation in evaluation
     tensorboard: bool = True  # event files under RUN/tensorboard
     # speed
@@ -82,6 +88,9 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("recipe", self.recipe, RECIPES)
         _check_choice("channels_last", self.channels_last, ("auto", "on", "off"))
+        _check_choice("resize", self.resize, RESIZES)
+        _check_choice("balance", self.balance, BALANCES)
+        _check_choice("select", self.select, SELECTS)
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ImgclsError(f"config: {name} must be at least 1, got {getattr(self, name)}")

@@ -133,7 +133,8 @@ def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Pa
         split, excluded = prepared.test, prepared.excluded_test
     else:
         split, excluded, report = prepare_eval(
-            source, classes=loaded.classes, img_size=loaded.img_size, allow_unknown=loaded.excluded_classes
+            source, classes=loaded.classes, img_size=loaded.img_size, allow_unknown=loaded.excluded_classes,
+            resize=loaded.config.resize,
         )
     out = out_dir or (run_dir / "eval")
     if data is not None:
@@ -177,7 +178,7 @@ def predict_command(run_dir: str | Path, inputs: list[str | Path], out: str | Pa
     model = None  # folded once, on the first chunk with images (predict_logits would fold a copy per call)
     with progress.task("predicting", len(paths)) as bar:
         for start in range(0, len(paths), chunk):
-            images, ok, bad = load_images(paths[start : start + chunk], loaded.img_size)
+            images, ok, bad = load_images(paths[start : start + chunk], loaded.img_size, loaded.config.resize)
             skipped.extend(bad)
             if len(ok):
                 if model is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls import progress
-from imgcls.data.images import BadImage, decode_rgb, resize_rgb
+from imgcls.data.images import BadImage, decode_square, resize_rgb
 from imgcls.data.sources import Pool
 
 CACHE_VERSION = "1"
@@ -46,9 +46,9 @@ class DecodedPool:
     sizes: dict[str, int]  # "WxH" -> count (top entries)
 
 
-def _stat_key(pool: Pool, size: int) -> str:
+def _stat_key(pool: Pool, size: int, resize: str) -> str:
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{CACHE_VERSION}|{size}|".encode())
+    h.update(f"{CACHE_VERSION}|{size}|{resize}|".encode())
     for p in pool.paths:
         try:
             st = os.stat(p)
@@ -58,15 +58,15 @@ def _stat_key(pool: Pool, size: int) -> str:
     return h.hexdigest()
 
 
-def _content_key(file_hashes: list[str], size: int) -> str:
+def _content_key(file_hashes: list[str], size: int, resize: str) -> str:
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{CACHE_VERSION}|{size}|".encode())
+    h.update(f"{CACHE_VERSION}|{size}|{resize}|".encode())
     for fh in file_hashes:
         h.update(fh.encode())
     return h.hexdigest()
 
 
-def _decode_one(path: str, size: int) -> tuple[np.ndarray | None, str, str, str]:
+def _decode_one(path: str, size: int, resize: str) -> tuple[np.ndarray | None, str, str, str]:
     """-> (pixels or None, mode or reason, original "WxH", content hash)"""
     try:
         data = Path(path).read_bytes()
@@ -74,10 +74,10 @@ def _decode_one(path: str, size: int) -> tuple[np.ndarray | None, str, str, str]
         return None, f"unreadable: {e.strerror or e}", "", "unreadable"
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
-        arr, mode = decode_rgb(data)
+        arr, mode, (w, h) = decode_square(data, size, resize=resize)
     except BadImage as e:
         return None, e.reason, "", digest
-    return resize_rgb(arr, size), mode, f"{arr.shape[1]}x{arr.shape[0]}", digest
+    return arr, mode, f"{w}x{h}", digest
 
 
 def _load_entry(entry: Path, pool: Pool) -> DecodedPool | None:
@@ -118,12 +118,12 @@ def _write_entry(entry: Path, images: np.ndarray, meta: dict) -> None:
         raise
 
 
-def decode_pool(pool: Pool, *, size: int, source_id: str = "", workers: int | None = None) -> DecodedPool:
-    """Decoded, verified pixels of ``pool`` at ``size x size``, from the cache when possible."""
+def decode_pool(pool: Pool, *, size: int, resize: str = "squash", source_id: str = "", workers: int | None = None) -> DecodedPool:
+    """Decoded, verified pixels of ``pool`` at ``size x size`` (made square by ``resize``), from the cache when possible."""
     root = cache_root()
     if pool.arrays is not None:
-        return _decode_arrays(pool, size=size, source_id=source_id, root=root)
-    index = root / "index" / (_stat_key(pool, size) + ".json")
+        return _decode_arrays(pool, size=size, resize=resize, source_id=source_id, root=root)
+    index = root / "index" / (_stat_key(pool, size, resize) + ".json")
     if index.is_file():
         try:
             key = json.loads(index.read_text())["key"]
@@ -143,7 +143,7 @@ def decode_pool(pool: Pool, *, size: int, source_id: str = "", workers: int | No
     sizes: Counter = Counter()
     m = 0
     with progress.task(f"decoding {pool.name}", n) as bar, ThreadPoolExecutor(workers) as ex:
-        for i, (arr, mode_or_reason, wh, digest) in enumerate(ex.map(lambda p: _decode_one(p, size), pool.paths)):
+        for i, (arr, mode_or_reason, wh, digest) in enumerate(ex.map(lambda p: _decode_one(p, size, resize), pool.paths)):
             hashes[i] = digest
             if arr is None:
                 reasons[i] = mode_or_reason
@@ -155,7 +155,7 @@ def decode_pool(pool: Pool, *, size: int, source_id: str = "", workers: int | No
                 sizes[wh] += 1
             bar.advance(1)
     images = buf[:m]
-    key = _content_key(hashes, size)
+    key = _content_key(hashes, size, resize)
     meta = {
         "rows": rows,
         "reasons": reasons,
@@ -176,10 +176,10 @@ def decode_pool(pool: Pool, *, size: int, source_id: str = "", workers: int | No
     return hit
 
 
-def _decode_arrays(pool: Pool, *, size: int, source_id: str, root: Path) -> DecodedPool:
+def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: Path) -> DecodedPool:
     """Built-in sets arrive as arrays; resizing them is the only work to cache."""
     assert pool.arrays is not None
-    key = hashlib.blake2b(f"{CACHE_VERSION}|{size}|{source_id}|{pool.name}".encode(), digest_size=16).hexdigest()
+    key = hashlib.blake2b(f"{CACHE_VERSION}|{size}|{resize}|{source_id}|{pool.name}".encode(), digest_size=16).hexdigest()
     entry = root / "entries" / key
     if not (entry / "meta.json").is_file():
         hashes = [hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest() for a in pool.arrays]
@@ -189,7 +189,7 @@ def _decode_arrays(pool: Pool, *, size: int, source_id: str, root: Path) -> Deco
             images = np.empty((len(pool), size, size, 3), dtype=np.uint8)
             with progress.task(f"resizing {pool.name}", len(pool)) as bar:
                 for i, a in enumerate(pool.arrays):
-                    images[i] = resize_rgb(a, size)
+                    images[i] = resize_rgb(a, size, resize)
                     bar.advance(1)
         h, w = pool.arrays.shape[1:3]
         meta = {

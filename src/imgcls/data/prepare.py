@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from imgcls.config import TrainConfig
+from imgcls.data.balance import imbalance
 from imgcls.data.cache import DecodedPool, decode_pool, peek_sizes
 from imgcls.data.sources import Discovery, discover, source_files, stratified_split
 from imgcls.errors import ImgclsError
@@ -50,11 +51,11 @@ def auto_img_size(disc: Discovery, *, cap: int = 224) -> int:
     return int(min(max(w, h), cap))
 
 
-def _decode_all(disc: Discovery, size: int, max_bad: float) -> dict[str, DecodedPool]:
+def _decode_all(disc: Discovery, size: int, max_bad: float, resize: str = "squash") -> dict[str, DecodedPool]:
     src_id = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in source_files(disc))
     out = {}
     for name, pool in disc.pools.items():
-        dec = decode_pool(pool, size=size, source_id=src_id)
+        dec = decode_pool(pool, size=size, resize=resize, source_id=src_id)
         bad = len(dec.skipped)
         if len(pool) and bad / len(pool) > max_bad:
             examples = "; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in dec.skipped[:3])
@@ -101,7 +102,7 @@ def prepare(cfg: TrainConfig) -> PreparedData:
     """Discover, verify and decode ``cfg.data``; fix the class map from the training split."""
     disc = discover(cfg.data)
     size = cfg.img_size or auto_img_size(disc, cap=cfg.max_img_size)
-    pools = _decode_all(disc, size, cfg.max_bad_fraction)
+    pools = _decode_all(disc, size, cfg.max_bad_fraction, cfg.resize)
     assignment = _assign(disc, pools, cfg)
 
     train_pool, train_rows = assignment["train"]
@@ -155,7 +156,9 @@ def prepare(cfg: TrainConfig) -> PreparedData:
     )
 
 
-def prepare_eval(data: str, *, classes: list[str], img_size: int, allow_unknown: list[str] = ()) -> tuple[Split, Split | None, dict]:
+def prepare_eval(
+    data: str, *, classes: list[str], img_size: int, allow_unknown: list[str] = (), resize: str = "squash"
+) -> tuple[Split, Split | None, dict]:
     """Evaluation data mapped onto a model's class map by name.
 
     A split root is evaluated on its test split; a folder of classes (or a CSV) whole. Images of classes in
@@ -169,7 +172,7 @@ def prepare_eval(data: str, *, classes: list[str], img_size: int, allow_unknown:
     else:
         raise ImgclsError(f"{data} has no test split to evaluate (expected test/ or a plain folder of classes)")
     disc = Discovery(disc.kind, disc.root, pools_used, disc.ignored_by_extension)
-    pools = _decode_all(disc, img_size, max_bad=1.0)
+    pools = _decode_all(disc, img_size, max_bad=1.0, resize=resize)
     name, dec = next(iter(pools.items()))
     index = {c: i for i, c in enumerate(classes)}
     unseen = sorted({n for n in dec.labels if n not in index and n not in allow_unknown})
@@ -214,6 +217,7 @@ def build_report(
             duplicates.append({"hash": h, "files": [{"split": s, "path": p, "label": lab} for s, p, lab in hits]})
         if len({lab for _, _, lab in hits}) > 1:
             conflicts.append({"hash": h, "files": [{"split": s, "path": p, "label": lab} for s, p, lab in hits]})
+    learned = counts.get("train") or next(iter(counts.values()), {})  # eval data: the evaluated split
     modes: Counter = Counter()
     sizes: Counter = Counter()
     skipped = []
@@ -233,6 +237,7 @@ def build_report(
         "ignored_by_extension": disc.ignored_by_extension,
         "duplicates": duplicates,
         "conflicting_labels": conflicts,
+        "imbalance": imbalance({c: n for c, n in learned.items() if c in classes}),
     }
 
 
@@ -259,6 +264,18 @@ def summarize_report(report: dict) -> list[str]:
     odd = {m: n for m, n in report["modes"].items() if m != "RGB"}
     if odd:
         lines.append("  converted to RGB: " + ", ".join(f"{n} {m}" for m, n in sorted(odd.items())))
+    imb = report.get("imbalance")
+    if imb and imb["counts"]:
+        shown = sorted(imb["counts"].items(), key=lambda kv: -kv[1])
+        more = f", ... ({len(shown) - 12} more)" if len(shown) > 12 else ""
+        lines.append(
+            "  classes: " + ", ".join(f"{c} {n:,}" for c, n in shown[:12]) + more + f"; largest/smallest {imb['ratio']:.1f}:1"
+        )
+        if imb["warning"]:
+            lines.append(
+                f"  warning: classes are imbalanced ({imb['ratio']:.1f}:1 > 3:1); consider --balance sampler (or weights) "
+                "and --select macro_f1"
+            )
     if report["duplicates"]:
         lines.append(f"  warning: {len(report['duplicates'])} image(s) appear in more than one split (see data_report.json)")
     if report["conflicting_labels"]:

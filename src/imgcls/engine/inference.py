@@ -11,7 +11,7 @@ from torch import nn
 
 from imgcls import config as config_mod
 from imgcls.config import TrainConfig
-from imgcls.data.images import BadImage, is_image_name, load_rgb, resize_rgb
+from imgcls.data.images import BadImage, decode_square, is_image_name
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import runtime as rt_mod
 from imgcls.errors import ImgclsError
@@ -100,16 +100,22 @@ def expand_paths(inputs: list[str]) -> list[Path]:
     return unique
 
 
-def load_images(paths: list[Path], size: int) -> tuple[torch.Tensor, list[Path], list[dict]]:
-    """Decode with the one loader; returns ``N x S x S x 3`` uint8, the usable paths, and skips with reasons."""
+def load_images(paths: list[Path], size: int, resize: str = "squash") -> tuple[torch.Tensor, list[Path], list[dict]]:
+    """Decode with the one loader (the decode cache's: same draft, same ``resize``); returns ``N x S x S x 3``
+    uint8, the usable paths, and skips with reasons."""
     arrays, ok, skipped = [], [], []
     for p in paths:
         try:
-            arr, _mode = load_rgb(p)
+            data = Path(p).read_bytes()
+        except OSError as e:
+            skipped.append({"path": str(p), "reason": f"unreadable: {e.strerror or e}"})
+            continue
+        try:
+            arr, _mode, _size = decode_square(data, size, resize=resize)
         except BadImage as e:
             skipped.append({"path": str(p), "reason": e.reason})
             continue
-        arrays.append(resize_rgb(arr, size))
+        arrays.append(arr)
         ok.append(p)
     if not arrays:
         return torch.empty((0, size, size, 3), dtype=torch.uint8), ok, skipped

@@ -268,7 +268,7 @@ def explain_paths(
     def chunks(bar: progress.Task) -> Iterator[Chunk]:
         nonlocal n_ok
         for start in range(0, len(paths), CHUNK):
-            images, ok, bad = load_images(paths[start : start + CHUNK], run.img_size)
+            images, ok, bad = load_images(paths[start : start + CHUNK], run.img_size, run.config.resize)
             skipped.extend(bad)
             bar.advance(len(bad) * len(methods))
             yield images, [{"index": n_ok + i, "path": str(p), "true": _true_from_folder(p, run)} for i, p in enumerate(ok)]

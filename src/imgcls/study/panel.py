@@ -65,8 +65,9 @@ def gradcam_panel(study: Study, out: Path, by_arm: dict[str, list[RunResult]]) -
     from imgcls.engine.inference import load_images
     from imgcls.explain import explain_run, panel
 
-    size = int(json.loads((base.path / "config.json").read_text(encoding="utf-8"))["img_size"])  # resolved, never 0
-    images, ok, _bad = load_images([Path(c["path"]) for c in chosen], size)
+    stored = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
+    size = int(stored["img_size"])  # resolved, never 0
+    images, ok, _bad = load_images([Path(c["path"]) for c in chosen], size, stored.get("resize", "squash"))
     kept = {str(p) for p in ok}
     labels = [c["class"] for c in chosen if c["path"] in kept]
     if not labels:
