@@ -10,6 +10,7 @@ from pathlib import Path
 
 from imgcls import __version__
 from imgcls import config as config_mod
+from imgcls.audit import cli as audit_cli
 from imgcls.errors import ImgclsError, Interrupted
 from imgcls.explain import cli as explain_cli
 from imgcls.study import cli as study_cli
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None)
 
     explain_cli.add_parser(sub)
+    audit_cli.add_parser(sub)
     study_cli.add_parser(sub)
     return parser
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from imgcls.config import TrainConfig
+from imgcls.data import audit as audit_checks
 from imgcls.data.balance import imbalance
 from imgcls.data.cache import DecodedPool, decode_pool, peek_sizes
 from imgcls.data.sources import Discovery, discover, source_files, stratified_split
@@ -144,6 +145,11 @@ def prepare(cfg: TrainConfig) -> PreparedData:
         raise ImgclsError("the validation split is empty: raise --val-fraction or add images")
 
     report = build_report(disc, pools, assignment, classes=classes, excluded=excluded, size=size)
+    items = [
+        audit_checks.Item(split, pools[pool_name].paths[i], pools[pool_name].labels[i], pools[pool_name].hashes[i], int(i))
+        for split, (pool_name, rows) in assignment.items() for i in rows
+    ]
+    report["audit"] = audit_checks.cheap(items, disc.root, read_facts=disc.kind != "fashion-mnist")
     return PreparedData(
         classes=classes,
         img_size=size,
@@ -276,6 +282,8 @@ def summarize_report(report: dict) -> list[str]:
                 f"  warning: classes are imbalanced ({imb['ratio']:.1f}:1 > 3:1); consider --balance sampler (or weights) "
                 "and --select macro_f1"
             )
+    if "audit" in report:
+        lines.extend(audit_checks.summarize(report["audit"]))
     if report["duplicates"]:
         lines.append(f"  warning: {len(report['duplicates'])} image(s) appear in more than one split (see data_report.json)")
     if report["conflicting_labels"]:

@@ -1,0 +1,1 @@
+"""``imgcls audit``: near-duplicates, likely label errors, shortcuts and class balance of a data set."""
