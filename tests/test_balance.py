@@ -73,3 +73,17 @@ def test_config_keys_are_checked():
     for key in ("balance", "select", "resize"):
         with pytest.raises(ImgclsError, match=key):
             from_dict({key: "bogus"})
+
+
+def test_select_macro_f1_is_recorded_per_epoch(split_root, tmp_path):
+    from imgcls.config import TrainConfig
+    from imgcls.engine.reporter import read_history
+    from imgcls.engine.train import train
+
+    cfg = TrainConfig(data=str(split_root), model="resnet10t", img_size=32, epochs=2, batch_size=8, precision="fp32",
+                      augment="flip", balance="weights", select="macro_f1", tensorboard=False)
+    result, _ = train(cfg, run_dir=tmp_path / "run")
+    history = read_history(tmp_path / "run" / "metrics.csv")
+    assert {"val_macro_f1", "val_balanced_accuracy"} <= set(history[0])
+    best = max(history, key=lambda h: (h["val_macro_f1"], -h["epoch"]))
+    assert result.best_epoch == best["epoch"] and result.best_val_acc == pytest.approx(best["val_macro_f1"], abs=1e-5)

@@ -99,7 +99,10 @@ def train_and_evaluate(cfg: TrainConfig, *, run_dir: str | Path, resume: bool = 
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "best_epoch": result.best_epoch,
-        "best_val_acc": result.best_val_acc,
+        # the best checkpoint is the epoch with the best cfg.select score; its val accuracy is quoted here
+        "select": result.config.select,
+        "best_val_score": result.best_val_acc,
+        "best_val_acc": next((h["val_acc"] for h in result.history if h["epoch"] == result.best_epoch), result.best_val_acc),
         "train_img_per_s": result.train_img_per_s,
         "train_wall_s": result.wall_s,
     }

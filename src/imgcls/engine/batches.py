@@ -20,6 +20,7 @@ from imgcls.data import BatchAugment, Split
 from imgcls.data.augment import to_float
 from imgcls.engine import features as feat_mod
 from imgcls.engine import runtime as rt_mod
+from imgcls.engine import selection
 from imgcls.engine.evaluate import inference_model
 
 # The decoded set may take at most this share of the GPU memory free at the start; the rest is left to
@@ -111,7 +112,7 @@ class Validator:
     """Validation loss and accuracy of a module, sharded over torchrun ranks; sums stay on the device and
     come back in one copy at the end."""
 
-    def __init__(self, split: Split, rt: rt_mod.Runtime, *, mean, std, precision: str, batch_size: int):
+    def __init__(self, split: Split, rt: rt_mod.Runtime, *, mean, std, precision: str, batch_size: int, num_classes: int):
         lo, hi = (len(split) * rt.rank) // rt.world, (len(split) * (rt.rank + 1)) // rt.world
         self.rt, self.device = rt, rt.device
         self.images = place(split.images[lo:hi], rt.device, what="validation set")
@@ -121,6 +122,8 @@ class Validator:
         self.precision, self.batch_size = precision, batch_size
         self.features: feat_mod.FrozenFeatureCache | None = None  # set by TrainBatches.use_frozen_features
         self.freeze = 0
+        self.num_classes = num_classes
+        self.scores: dict[str, float] = {}  # of the last call: accuracy, macro_f1, balanced_accuracy (engine.selection)
 
     @torch.inference_mode()
     def __call__(self, module: nn.Module) -> tuple[float, float]:
@@ -129,6 +132,8 @@ class Validator:
         try:
             forward, inputs = self._forward(module)
             stats = torch.zeros(3, device=self.device)
+            k = self.num_classes
+            cm = torch.zeros(k * k, device=self.device, dtype=torch.long)  # true x predicted, flattened
             for start in range(0, len(self.labels), self.batch_size):
                 y = self.labels[start : start + self.batch_size]
                 with rt_mod.autocast(self.device, self.precision):
@@ -136,9 +141,12 @@ class Validator:
                 stats[0] += F.cross_entropy(logits, y, reduction="sum")
                 stats[1] += (logits.argmax(1) == y).sum()
                 stats[2] += len(y)
+                cm += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
         finally:
             module.train(was_training)
         rt_mod.all_reduce_sum(self.rt, stats)
+        rt_mod.all_reduce_sum(self.rt, cm)
+        self.scores = selection.scores(cm.view(k, k).double().cpu())
         loss, correct, n = stats.tolist()
         return loss / max(n, 1.0), correct / max(n, 1.0)
 

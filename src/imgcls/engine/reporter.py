@@ -11,7 +11,7 @@ from imgcls import progress
 from imgcls.config import TrainConfig
 from imgcls.io import write_text
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "epoch_s", "elapsed_s"]
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "val_balanced_accuracy", "lr", "img_per_s", "epoch_s", "elapsed_s"]
 # TensorBoard tag of each metrics.csv column that has one (train and val side by side in one chart)
 SCALARS = {
     "train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train", "val_acc": "accuracy/val",

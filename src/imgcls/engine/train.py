@@ -29,6 +29,7 @@ from imgcls import config as config_mod
 from imgcls import progress
 from imgcls.config import TrainConfig
 from imgcls.data import BatchAugment, PreparedData, prepare, summarize_report
+from imgcls.data.balance import balanced_order, class_weights
 from imgcls.engine import features as feat_mod
 from imgcls.engine import runtime as rt_mod
 from imgcls.engine.batches import TrainBatches, Validator
@@ -73,10 +74,11 @@ def fit(cfg: TrainConfig, run_dir: Path, data: PreparedData, rt: Runtime, *, res
         while state.epoch < cfg.epochs:
             stats = train_epoch(cfg, rt, run, batches, stop, ckpts)
             val_loss, val_acc = validate(state.weights)
-            improved = state.end_epoch(val_acc)
+            improved = state.end_epoch(validate.scores[cfg.select])  # best_val holds the best cfg.select score
             ckpts.save(state, best_val_acc=val_acc if improved else None)
             lr = float(state.optimizer.param_groups[0]["lr"])
-            row = {"epoch": state.epoch, **stats, "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "elapsed_s": state.elapsed}
+            row = {"epoch": state.epoch, **stats, "val_loss": val_loss, "val_acc": val_acc, "val_macro_f1": validate.scores["macro_f1"],
+                   "val_balanced_accuracy": validate.scores["balanced_accuracy"], "lr": lr, "elapsed_s": state.elapsed}
             report.epoch(row, improved=improved)
             if cfg.patience and state.bad_epochs >= cfg.patience and state.epoch < cfg.epochs:
                 report.say(f"early stop: val_acc has not improved for {cfg.patience} epoch(s)")
@@ -99,7 +101,7 @@ def train_epoch(cfg: TrainConfig, rt: Runtime, run: Run, batches: TrainBatches, 
     """The rest of the current epoch (all of it unless resumed mid-epoch): loss, accuracy and speed."""
     state = run.state
     run.train_mode()
-    order = epoch_order(cfg.seed, state.epoch, len(batches), rt)
+    order = epoch_order(cfg.seed, state.epoch, len(batches), rt, run.sampler_labels)
     idx_host, idx_dev = _batches(order, cfg.batch_size), _batches(order.to(rt.device), cfg.batch_size)
     n = len(idx_dev) - len(idx_dev) % cfg.accum_steps or len(idx_dev)  # whole accumulation groups only
     loss_sum = torch.zeros((), device=rt.device)
@@ -148,6 +150,7 @@ class Run:
     channels_last: bool
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    sampler_labels: torch.Tensor | None = None  # the training labels under balance: sampler
 
     @classmethod
     def build(cls, cfg: TrainConfig, data: PreparedData, rt: Runtime) -> Run:
@@ -171,11 +174,14 @@ class Run:
             ema=timm.utils.ModelEmaV3(model, decay=cfg.ema) if cfg.ema > 0 else None,
             aug_gen=torch.Generator(device=rt.device).manual_seed(aug_seed(cfg, rt)),
         )
-        step = OptimizerStep(state, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision=precision,
+        counts = torch.bincount(data.train.labels, minlength=len(data.classes)).clamp(min=1).tolist()
+        weight = class_weights(counts).to(rt.device) if cfg.balance == "weights" else None
+        step = OptimizerStep(state, criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing), precision=precision,
                              device=rt.device, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip)
         net = DistributedDataParallel(model) if rt.distributed else model
         mean, std = data_stats(model)
-        return cls(cfg, rt, state, step, net, frozen, precision, channels_last, mean, std)
+        return cls(cfg, rt, state, step, net, frozen, precision, channels_last, mean, std,
+                   sampler_labels=data.train.labels if cfg.balance == "sampler" else None)
 
     def describe(self) -> str:
         cfg, rt = self.cfg, self.rt
@@ -194,7 +200,8 @@ class Run:
         cfg, rt = self.cfg, self.rt
         batches = TrainBatches(data.train.images, data.train.labels, net=self.net, device=rt.device,
                                augment=BatchAugment(cfg.augment, mean=self.mean, std=self.std, device=rt.device))
-        validate = Validator(data.val, rt, mean=self.mean, std=self.std, precision=self.precision, batch_size=max(cfg.batch_size, 128))
+        validate = Validator(data.val, rt, mean=self.mean, std=self.std, precision=self.precision, batch_size=max(cfg.batch_size, 128),
+                             num_classes=len(data.classes))
         # Frozen stages + flip/none augmentation: their output is computed once (engine/features.py).
         # Not under DDP: the cached path calls the model's parts directly, around DDP's hooks.
         if cfg.freeze > 0 and cfg.augment in feat_mod.AUGMENTS and not rt.distributed:
@@ -233,10 +240,13 @@ def aug_seed(cfg: TrainConfig, rt: Runtime) -> int:
     return cfg.seed * 1000 + rt.rank
 
 
-def epoch_order(seed: int, epoch: int, n: int, rt: Runtime) -> torch.Tensor:
-    """This rank's sample order for an epoch: a function of (seed, epoch) only, so resume needs no state."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
+def epoch_order(seed: int, epoch: int, n: int, rt: Runtime, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's sample order for an epoch: a function of (seed, epoch) only, so resume needs no state.
+    Given the training ``labels`` (``balance: sampler``), every class is drawn equally often."""
+    if labels is not None:
+        perm = balanced_order(labels, seed=seed, epoch=epoch)
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     per_rank = n // rt.world
     return perm[rt.rank * per_rank : (rt.rank + 1) * per_rank] if rt.distributed else perm
 
