@@ -12,7 +12,6 @@ Writes ``audit.json``, ``index.html`` (self-contained: thumbnails are data URIs)
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import io
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcls import io as io_mod
 from imgcls import progress
 from imgcls.data import audit as checks
 from imgcls.data.cache import decode_pool
@@ -105,9 +105,8 @@ def run_audit(data: str, out_dir: Path, *, img_size: int = 0, folds: int = FOLDS
         "shortcuts": shortcut,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "audit.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "index.html").write_text(render_page(doc, items, pixels), encoding="utf-8")
+    io_mod.write_json(out_dir / "audit.json", doc)
+    io_mod.write_text(out_dir / "index.html", render_page(doc, items, pixels))
     if write_csv:
         write_issue_csv(out_dir / "audit.csv", doc, items)
     return doc
@@ -146,9 +145,10 @@ def features(pixels: np.ndarray, hashes: list[str], out_dir: Path, *, size: int,
     with progress.task("features (Lite0)", len(pixels)) as bar:
         feats = predict_logits(model, torch.from_numpy(pixels), mean=mean, std=std, device=rt.device,
                                precision=precision, on_batch=bar.advance).numpy().astype(np.float32)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(npy, feats)
-    meta.write_text(json.dumps({"key": key, "model": FEATURE_MODEL, "img_size": size}))
+    buf = io.BytesIO()
+    np.save(buf, feats)
+    io_mod.atomic_write_bytes(npy, buf.getvalue())
+    io_mod.write_json(meta, {"key": key, "model": FEATURE_MODEL, "img_size": size})  # after the array: the key vouches for it
     return feats
 
 
@@ -223,12 +223,11 @@ def write_issue_csv(path: Path, doc: dict, items: list[checks.Item]) -> None:
             others = [_rel(q, root) for q in paths if q != p]
             issue.setdefault(where[p], []).append("identical to " + ", ".join(others[:3]))
     splits = {it.split for it in items} != {"all"}
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "label", *(["split"] if splits else []), "issue", "suggested_label"])
-    for i, it in enumerate(items):
-        w.writerow([_rel(it.path, root), it.label, *([it.split] if splits else []), "; ".join(issue.get(i, [])), suggested.get(i, "")])
-    path.write_text(buf.getvalue(), encoding="utf-8")
+    io_mod.write_csv(
+        path, ["path", "label", *(["split"] if splits else []), "issue", "suggested_label"],
+        ([_rel(it.path, root), it.label, *([it.split] if splits else []), "; ".join(issue.get(i, [])), suggested.get(i, "")]
+         for i, it in enumerate(items)),
+    )
 
 
 def _rel(path: str, root: Path) -> str:
