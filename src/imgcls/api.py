@@ -127,7 +127,7 @@ class Run:
         if self._loaded is None:
             self._loaded = load_run(self.path, device=self.device)
         size = self._loaded.img_size
-        arrays = [resize_rgb(to_rgb_array(x), size) for _, x in group]
+        arrays = [resize_rgb(to_rgb_array(x), size, self._loaded.config.resize) for _, x in group]
         images = torch.from_numpy(np.stack(arrays))
         if self._model is None:
             lr = self._loaded

@@ -85,12 +85,12 @@ def _public(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ARRAY_KEYS}
 
 
-def _as_uint8_batch(images, size: int) -> torch.Tensor:
+def _as_uint8_batch(images, size: int, resize: str = "squash") -> torch.Tensor:
     arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ImgclsError(f"images must be N x H x W x 3 uint8, got {arr.dtype} {list(arr.shape)}")
     if arr.shape[1:3] != (size, size):
-        arr = np.stack([resize_rgb(a, size) for a in arr]) if len(arr) else arr.reshape(0, size, size, 3)
+        arr = np.stack([resize_rgb(a, size, resize) for a in arr]) if len(arr) else arr.reshape(0, size, size, 3)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -219,7 +219,7 @@ def explain_run(
     (``S x S x 3`` uint8 RGB, ready for :func:`panel`), where S is the run's image size.
     """
     loaded = run if isinstance(run, LoadedRun) else load_run(run)
-    batch = _as_uint8_batch(images, loaded.img_size)
+    batch = _as_uint8_batch(images, loaded.img_size, loaded.config.resize)
     if true_labels is not None and len(true_labels) != len(batch):
         raise ImgclsError(f"{len(true_labels)} true labels for {len(batch)} images")
     method = check_method(method)
