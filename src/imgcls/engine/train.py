@@ -74,11 +74,12 @@ def fit(cfg: TrainConfig, run_dir: Path, data: PreparedData, rt: Runtime, *, res
         while state.epoch < cfg.epochs:
             stats = train_epoch(cfg, rt, run, batches, stop, ckpts)
             val_loss, val_acc = validate(state.weights)
-            improved = state.end_epoch(validate.scores[cfg.select])  # best_val holds the best cfg.select score
+            scores = {"accuracy": val_acc, **validate.scores}  # accuracy, macro_f1, balanced_accuracy (engine.selection)
+            improved = state.end_epoch(scores[cfg.select])  # best_val holds the best cfg.select score
             ckpts.save(state, best_val_acc=val_acc if improved else None)
             lr = float(state.optimizer.param_groups[0]["lr"])
-            row = {"epoch": state.epoch, **stats, "val_loss": val_loss, "val_acc": val_acc, "val_macro_f1": validate.scores["macro_f1"],
-                   "val_balanced_accuracy": validate.scores["balanced_accuracy"], "lr": lr, "elapsed_s": state.elapsed}
+            row = {"epoch": state.epoch, **stats, "val_loss": val_loss, "val_acc": val_acc, "val_macro_f1": scores.get("macro_f1", float("nan")),
+                   "val_balanced_accuracy": scores.get("balanced_accuracy", float("nan")), "lr": lr, "elapsed_s": state.elapsed}
             report.epoch(row, improved=improved)
             if cfg.patience and state.bad_epochs >= cfg.patience and state.epoch < cfg.epochs:
                 report.say(f"early stop: val_acc has not improved for {cfg.patience} epoch(s)")
