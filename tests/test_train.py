@@ -348,6 +348,7 @@ def test_the_training_set_goes_to_the_gpu_only_when_it_fits():
 # -- the real CLI, recipes, processes ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_accepts_the_same_command_and_refuses_a_real_change(tmp_path):
     data = make_split_root(tmp_path / "d", train=8, test=3)
     run = tmp_path / "run"
@@ -367,6 +368,7 @@ def test_resume_accepts_the_same_command_and_refuses_a_real_change(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_fast_finetune_recipe_end_to_end(tmp_path):
     data = make_split_root(tmp_path / "d", train=10, test=3)
     run = tmp_path / "run"
