@@ -68,6 +68,7 @@ def test_ray_study_survives_a_killed_worker(tmp_path, monkeypatch):
     victim = out / "runs" / "baseline" / "seed0"
     # the workers inherit this process's environment when ray.init starts them: let them log into train.log
     monkeypatch.setenv("IMGCLS_QUIET", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine; Ray talks over loopback only
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     seen: dict = {}
     stop = threading.Event()
