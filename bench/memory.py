@@ -64,16 +64,17 @@ def make_set(root: Path, n: int, size: int) -> Path:
     return root
 
 
-def run_child(cmd: list[str], *, env: dict, log: Path) -> tuple[float, float]:
-    """-> (peak RSS in MB, wall seconds) of the child ``cmd``; its output goes to ``log``."""
+def run_child(cmd: list[str], *, env: dict, log: Path) -> tuple[float, float, int]:
+    """-> (peak RSS in MB, wall seconds, exit code; -9 when the kernel's OOM killer ended it) of ``cmd``,
+    whose output goes to ``log``. A child that fails still reports the peak it reached."""
     t0 = time.perf_counter()
     with log.open("w") as f:
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {p.returncode}); see {log}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0  # ru_maxrss is in KiB on Linux
+        print(f"{' '.join(cmd[:4])} ... failed (exit {p.returncode}); see {log}", flush=True)
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0, p.returncode  # ru_maxrss is in KiB on Linux
 
 
 def measure(n: int, *, work: Path, img_size: int, model: str, batch_size: int, precision: str) -> dict:
@@ -89,16 +90,20 @@ def measure(n: int, *, work: Path, img_size: int, model: str, batch_size: int, p
         "import sys; from imgcls import config; from imgcls.data import prepare; "
         f"prepare(config.from_dict({{'data': sys.argv[1], 'img_size': {img_size}, 'val_fraction': 0.05, 'test_fraction': 0.05}}))"
     )
-    rss_prepare, wall_prepare = run_child([sys.executable, "-c", prepare_code, str(data)], env=env, log=work / f"prepare-{n}.log")
+    rss_prepare, wall_prepare, rc_prepare = run_child([sys.executable, "-c", prepare_code, str(data)], env=env, log=work / f"prepare-{n}.log")
     print(f"{n:>6} images  prepare (cold cache): peak RSS {rss_prepare:8.0f} MB  {wall_prepare:6.1f} s", flush=True)
     train = [sys.executable, "-m", "imgcls", "train", str(data), "--out", str(run), "--model", model, "--no-pretrained",
              "--img-size", str(img_size), "--epochs", "1", "--batch-size", str(batch_size), "--device", "cpu", "--precision", precision, *split]
-    rss_train, wall_train = run_child(train, env=env, log=work / f"train-{n}.log")
-    with (run / "metrics.csv").open(newline="") as f:
-        ips = float(list(csv.DictReader(f))[0]["img_per_s"])
-    print(f"{n:>6} images  train 1 epoch (warm):  peak RSS {rss_train:8.0f} MB  {wall_train:6.1f} s  {ips:,.0f} img/s", flush=True)
+    rss_train, wall_train, rc_train = run_child(train, env=env, log=work / f"train-{n}.log")
+    ips = None
+    if rc_train == 0:
+        with (run / "metrics.csv").open(newline="") as f:
+            ips = round(float(list(csv.DictReader(f))[0]["img_per_s"]), 1)
+    print(f"{n:>6} images  train 1 epoch (warm):  peak RSS {rss_train:8.0f} MB  {wall_train:6.1f} s  "
+          + (f"{ips:,.0f} img/s" if ips is not None else f"exit {rc_train}"), flush=True)
     return {"images": n, "peak_rss_prepare_mb": round(rss_prepare), "peak_rss_train_mb": round(rss_train),
-            "train_img_per_s": round(ips, 1), "wall_prepare_s": round(wall_prepare, 1), "wall_train_s": round(wall_train, 1)}
+            "train_img_per_s": ips, "wall_prepare_s": round(wall_prepare, 1), "wall_train_s": round(wall_train, 1),
+            "exit_prepare": rc_prepare, "exit_train": rc_train}
 
 
 def main() -> None:
@@ -120,7 +125,8 @@ def main() -> None:
         "bench": "memory", "img_size": args.img_size, "model": args.model, "batch_size": args.batch_size, "precision": args.precision, "runs": rows,
         "train_rss_growth_mb": big["peak_rss_train_mb"] - small["peak_rss_train_mb"],
         "prepare_rss_growth_mb": big["peak_rss_prepare_mb"] - small["peak_rss_prepare_mb"],
-        "img_per_s_ratio": round(big["train_img_per_s"] / small["train_img_per_s"], 3),
+        "img_per_s_ratio": round(big["train_img_per_s"] / small["train_img_per_s"], 3)
+        if big["train_img_per_s"] and small["train_img_per_s"] else None,
     }
     print(f"peak RSS growth from {small['images']:,} to {big['images']:,} images: train {result['train_rss_growth_mb']:,} MB, "
           f"prepare {result['prepare_rss_growth_mb']:,} MB; images/s ratio {result['img_per_s_ratio']}")
