@@ -5,6 +5,10 @@ recorded with a reason instead of crashing a worker hours into training. Entries
 set (``$IMGCLS_CACHE`` or ``~/.cache/imgcls``) and are keyed by the files' content and the image size.
 A quick index keyed by (path, size, mtime) avoids re-reading unchanged files. Nothing in the data set
 is ever written.
+
+Several processes may fill one cache at once: temp names are unique, renames atomic, and writers of one
+entry take turns on a lock. Each entry records its file sizes and digests when written and is checked
+against them when opened; a damaged entry is reported and rebuilt.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls import progress
+from imgcls import locks, progress
 from imgcls.data.images import BadImage, decode_square, resize_rgb
 from imgcls.data.sources import Pool
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: entries carry check.json (sizes and digests)
 
 
 def cache_root() -> Path:
@@ -80,58 +84,140 @@ def _decode_one(path: str, size: int, resize: str) -> tuple[np.ndarray | None, s
     return arr, mode, f"{w}x{h}", digest
 
 
-def _load_entry(entry: Path, pool: Pool) -> DecodedPool | None:
+class Damaged(Exception):
+    """A cache entry that exists but does not match what was recorded when it was written."""
+
+
+SAMPLE_ROWS = 256  # image rows in an entry's digest: spread over the whole file, ~17 MB at 150 px
+
+
+def _digest_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _images_digest(images: np.ndarray) -> str:
+    """Shape plus up to ``SAMPLE_ROWS`` rows spread evenly (first and last included). Hashing every row
+    would cost ~6 s per run for a 1 GB entry on a 2-core laptop (blake2b ran at 150 MB/s there); the
+    recorded sizes catch truncation, this digest damage to the array's header and to the sampled rows."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(images.shape).encode())
+    n = len(images)
+    for r in np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64)) if n else []:
+        h.update(np.ascontiguousarray(images[r]).tobytes())
+    return h.hexdigest()
+
+
+def _open_entry(entry: Path, pool: Pool) -> DecodedPool | None:
+    """The entry as a DecodedPool; None when there is none; :class:`Damaged` when it fails its checks."""
+    if not entry.exists():
+        return None
     try:
-        meta = json.loads((entry / "meta.json").read_text())
+        check = json.loads((entry / "check.json").read_text())
+        meta_bytes = (entry / "meta.json").read_bytes()
+        images_size = (entry / "images.npy").stat().st_size
+        if len(meta_bytes) != check["meta_bytes"] or images_size != check["images_bytes"]:
+            raise Damaged(f"file sizes differ from those written (images.npy {images_size:,} of {check['images_bytes']:,} bytes)")
+        if _digest_bytes(meta_bytes) != check["meta_digest"]:
+            raise Damaged("meta.json does not match its digest")
+        meta = json.loads(meta_bytes)
         images = np.load(entry / "images.npy", mmap_mode="r")
-    except (OSError, ValueError):
+        if _images_digest(images) != check["images_digest"]:
+            raise Damaged("images.npy does not match its digest")
+        rows = meta["rows"]
+        if len(rows) != len(pool) or images.shape[0] != sum(r >= 0 for r in rows):
+            raise Damaged("its rows do not match the pool")
+        keep = [i for i, r in enumerate(rows) if r >= 0]
+        return DecodedPool(
+            name=pool.name,
+            images=images,
+            paths=[pool.paths[i] for i in keep],
+            labels=[pool.labels[i] for i in keep],
+            hashes=[meta["hashes"][i] for i in keep],
+            skipped=[{"path": pool.paths[i], "reason": meta["reasons"][i]} for i, r in enumerate(rows) if r < 0],
+            modes=meta["modes"],
+            sizes=meta["sizes"],
+        )
+    except Damaged:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise Damaged(f"{type(e).__name__}: {str(e)[:120]}") from None
+
+
+def _checked_entry(entry: Path, pool: Pool, warned: set[Path]) -> DecodedPool | None:
+    """:func:`_open_entry`, with a damaged entry reported (once) and treated as absent."""
+    try:
+        return _open_entry(entry, pool)
+    except Damaged as e:
+        if entry not in warned:
+            warned.add(entry)
+            progress.say(f"warning: decode cache entry {entry} is damaged ({e}); rebuilding it")
         return None
-    rows = meta["rows"]
-    if len(rows) != len(pool) or images.shape[0] != sum(r >= 0 for r in rows):
-        return None
-    keep = [i for i, r in enumerate(rows) if r >= 0]
-    return DecodedPool(
-        name=pool.name,
-        images=images,
-        paths=[pool.paths[i] for i in keep],
-        labels=[pool.labels[i] for i in keep],
-        hashes=[meta["hashes"][i] for i in keep],
-        skipped=[{"path": pool.paths[i], "reason": meta["reasons"][i]} for i, r in enumerate(rows) if r < 0],
-        modes=meta["modes"],
-        sizes=meta["sizes"],
-    )
 
 
 def _write_entry(entry: Path, images: np.ndarray, meta: dict) -> None:
-    """Write into a temp folder beside the entry, then rename: readers never see a half entry."""
+    """Write into a unique temp folder beside the entry, then rename: readers never see a half entry.
+    Callers hold the entry's lock, so no other writer is between the check and the rename."""
     entry.parent.mkdir(parents=True, exist_ok=True)
+    if entry.exists():  # damaged (the caller checked): move it aside first, as one rename
+        trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=entry.parent))
+        os.replace(entry, trash / "entry")
+        shutil.rmtree(trash, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
         np.save(tmp / "images.npy", images)
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another process finished the same entry first; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+        meta_bytes = json.dumps(meta).encode()
+        (tmp / "meta.json").write_bytes(meta_bytes)
+        check = {
+            "images_bytes": (tmp / "images.npy").stat().st_size,
+            "meta_bytes": len(meta_bytes),
+            "meta_digest": _digest_bytes(meta_bytes),
+            "images_digest": _images_digest(np.load(tmp / "images.npy", mmap_mode="r")),
+        }
+        (tmp / "check.json").write_text(json.dumps(check))
+        os.replace(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _filled(entry: Path, pool: Pool, warned: set[Path], make) -> DecodedPool:
+    """The entry, written by ``make() -> (images, meta)`` unless another process already wrote it; writers
+    of one entry take turns on its lock file (four processes filling one cache once clashed here)."""
+    with locks.waiting(entry.parent / f"{entry.name}.lock"):
+        hit = _checked_entry(entry, pool, warned)
+        if hit is None:
+            _write_entry(entry, *make())
+            hit = _open_entry(entry, pool)
+    assert hit is not None  # just written and checked
+    return hit
+
+
+def _write_index(index: Path, key: str) -> None:
+    index.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{index.name}.", suffix=".tmp", dir=index.parent)  # unique per writer
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"key": key}))
+        os.replace(tmp, index)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def decode_pool(pool: Pool, *, size: int, resize: str = "squash", source_id: str = "", workers: int | None = None) -> DecodedPool:
     """Decoded, verified pixels of ``pool`` at ``size x size`` (made square by ``resize``), from the cache when possible."""
     root = cache_root()
+    warned: set[Path] = set()
     if pool.arrays is not None:
-        return _decode_arrays(pool, size=size, resize=resize, source_id=source_id, root=root)
+        return _decode_arrays(pool, size=size, resize=resize, source_id=source_id, root=root, warned=warned)
     index = root / "index" / (_stat_key(pool, size, resize) + ".json")
-    if index.is_file():
-        try:
-            key = json.loads(index.read_text())["key"]
-            hit = _load_entry(root / "entries" / key, pool)
-            if hit is not None:
-                return hit
-        except (OSError, ValueError, KeyError):
-            pass
+    try:
+        key = json.loads(index.read_text())["key"]
+        hit = _checked_entry(root / "entries" / str(key), pool, warned)
+        if hit is not None:
+            return hit
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no index (or a damaged one): decode, which rewrites it
     n = len(pool)
     workers = workers or min(8, os.cpu_count() or 1)
     # The buffer is sized for every item; skipped rows are compacted away at the end.
@@ -164,24 +250,21 @@ def decode_pool(pool: Pool, *, size: int, resize: str = "squash", source_id: str
         "sizes": dict(sizes.most_common(20)),
         "size": size,
     }
-    entry = root / "entries" / key
-    if not (entry / "meta.json").is_file():
-        _write_entry(entry, images, meta)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp_index = index.with_suffix(".tmp")
-    tmp_index.write_text(json.dumps({"key": key}))
-    os.replace(tmp_index, index)
-    hit = _load_entry(entry, pool)
-    assert hit is not None  # just written
+    hit = _filled(root / "entries" / key, pool, warned, lambda: (images, meta))
+    _write_index(index, key)
     return hit
 
 
-def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: Path) -> DecodedPool:
+def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: Path, warned: set[Path]) -> DecodedPool:
     """Built-in sets arrive as arrays; resizing them is the only work to cache."""
     assert pool.arrays is not None
     key = hashlib.blake2b(f"{CACHE_VERSION}|{size}|{resize}|{source_id}|{pool.name}".encode(), digest_size=16).hexdigest()
     entry = root / "entries" / key
-    if not (entry / "meta.json").is_file():
+    hit = _checked_entry(entry, pool, warned)
+    if hit is not None:
+        return hit
+
+    def make() -> tuple[np.ndarray, dict]:
         hashes = [hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest() for a in pool.arrays]
         if pool.arrays.shape[1] == size:
             images = pool.arrays
@@ -200,10 +283,9 @@ def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: 
             "sizes": {f"{w}x{h}": len(pool)},
             "size": size,
         }
-        _write_entry(entry, images, meta)
-    hit = _load_entry(entry, pool)
-    assert hit is not None
-    return hit
+        return images, meta
+
+    return _filled(entry, pool, warned, make)
 
 
 def peek_sizes(pool: Pool, limit: int = 200) -> Counter:
