@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,10 +57,13 @@ def test_csv_path_escaping_the_root_is_refused(tmp_path):
     (tmp_path / "data" / "labels.csv").write_text("path,label\n../outside.png,a\n")
     with pytest.raises(ImgclsError, match="escapes the data root"):
         discover(str(tmp_path / "data" / "labels.csv"))
+    # a link out of the root is the folder sources' policy: skipped and reported, not read
     (tmp_path / "data" / "link.png").symlink_to(tmp_path / "outside.png")
-    (tmp_path / "data" / "labels.csv").write_text("path,label\nlink.png,a\n")
-    with pytest.raises(ImgclsError, match="escapes"):
-        discover(str(tmp_path / "data" / "labels.csv"))
+    class_image(0, 1).save(tmp_path / "data" / "in.png")
+    (tmp_path / "data" / "labels.csv").write_text("path,label\nlink.png,a\nin.png,a\n")
+    disc = discover(str(tmp_path / "data" / "labels.csv"))
+    assert [Path(p).name for p in disc.pools["all"].paths] == ["in.png"]
+    assert [(Path(s["path"]).name, "outside the data root" in s["reason"]) for s in disc.skipped] == [("link.png", True)]
 
 
 def test_hidden_entries_ignored_and_other_extensions_counted(split_root):

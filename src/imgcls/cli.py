@@ -23,6 +23,7 @@ HELP = {
     "model": "any timm model name (resnet18, resnet50, efficientnet_lite0, ...)",
     "pretrained": "start from ImageNet weights (efficientnet_lite0: shipped in a package, no network needed)",
     "weights": "a local weights file (.safetensors, or a tensors-only .pth)",
+    "weights_partial": "use --weights even when they fill under 90 %% of the model's parameters (another architecture?)",
     "norm": "default, or none to remove every normalisation layer",
     "freeze": "keep the first N feature stages (stem = 1) frozen",
     "augment": "none | flip | flip-rotate (seed's default) | rrc | randaugment | strong",

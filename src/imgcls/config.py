@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,6 +31,8 @@ RECIPES = ("none", "fast-finetune")
 RESIZES = ("squash", "crop", "pad")
 BALANCES = ("none", "sampler", "weights")
 SELECTS = ("accuracy", "macro_f1", "balanced_accuracy")
+IMG_SIZE_MIN, IMG_SIZE_MAX = 8, 1024
+YAML_MAX_NODES = 100_000  # nodes after alias expansion: far above any real config or study spec
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: str = "auto"  # auto | on | off
     device: str = "auto"
+    weights_partial: bool = False  # accept --weights that cover under 90 % of the model's parameters
 
     def __post_init__(self) -> None:
         _check_choice("augment", self.augment, AUGMENTS)
@@ -91,9 +96,23 @@ class TrainConfig:
         _check_choice("resize", self.resize, RESIZES)
         _check_choice("balance", self.balance, BALANCES)
         _check_choice("select", self.select, SELECTS)
-        for name in ("epochs", "batch_size", "accum_steps"):
-            if getattr(self, name) < 1:
-                raise ImgclsError(f"config: {name} must be at least 1, got {getattr(self, name)}")
+        # ranges are checked here, before any file is written; the bounds are what the code can honour
+        # (seeds feed 64-bit generators after scaling; NumPy takes seeds below 2**32)
+        for name, hi in (("epochs", 100_000), ("batch_size", 65_536), ("accum_steps", 1024)):
+            if not 1 <= getattr(self, name) <= hi:
+                raise ImgclsError(f"config: {name} must be at least 1 and at most {hi:,}, got {getattr(self, name)}")
+        for name, hi in (("seed", 2**31 - 1), ("split_seed", 2**31 - 1), ("patience", 100_000), ("freeze", 64)):
+            if not 0 <= getattr(self, name) <= hi:
+                raise ImgclsError(f"config: {name} must be at least 0 and at most {hi:,}, got {getattr(self, name)}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ImgclsError(f"config: {f.name} must be a finite number, got {v}")
+        for name in ("weight_decay", "warmup_epochs", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ImgclsError(f"config: {name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ImgclsError(f"config: momentum must be in [0, 1), got {self.momentum}")
         for name in ("val_fraction", "test_fraction", "max_bad_fraction", "dropout", "drop_path", "label_smoothing"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -102,10 +121,10 @@ class TrainConfig:
             raise ImgclsError(f"config: lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:
             raise ImgclsError(f"config: ema is a decay in [0, 1), got {self.ema}")
-        if self.img_size < 0 or 0 < self.img_size < 8:
-            raise ImgclsError(f"config: img_size must be 0 (auto) or at least 8, got {self.img_size}")
-        if self.max_img_size < 8:
-            raise ImgclsError(f"config: max_img_size must be at least 8, got {self.max_img_size}")
+        if self.img_size != 0 and not IMG_SIZE_MIN <= self.img_size <= IMG_SIZE_MAX:
+            raise ImgclsError(f"config: img_size must be 0 (auto) or in [{IMG_SIZE_MIN}, {IMG_SIZE_MAX}], got {self.img_size}")
+        if not IMG_SIZE_MIN <= self.max_img_size <= IMG_SIZE_MAX:
+            raise ImgclsError(f"config: max_img_size must be in [{IMG_SIZE_MIN}, {IMG_SIZE_MAX}], got {self.max_img_size}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return from_dict({**to_dict(self), **changes})
@@ -148,9 +167,18 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
 DEFAULT_RECIPE = "fast-finetune"
 
 
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 60, 60, 6, 6
+
+
+def short(value: Any) -> str:
+    """``repr`` cut to a line: a value in an error message must not become the message."""
+    return _short.repr(value)
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ImgclsError(f"config: {name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ImgclsError(f"config: {name} must be one of {', '.join(choices)}; got {short(value)}")
 
 
 def field_names() -> list[str]:
@@ -164,31 +192,31 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int)) for v in value):
-            raise ImgclsError(f"config: {name} must be a list of names, got {value!r}")
+            raise ImgclsError(f"config: {name} must be a list of names, got {short(value)}")
         return tuple(str(v) for v in value)
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.lower() in ("true", "yes", "on", "1")
         if not isinstance(value, bool):
-            raise ImgclsError(f"config: {name} must be true or false, got {value!r}")
+            raise ImgclsError(f"config: {name} must be true or false, got {short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ImgclsError(f"config: {name} must be an integer, got {value!r}")
+            raise ImgclsError(f"config: {name} must be an integer, got {short(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ImgclsError(f"config: {name} must be an integer, got {value!r}") from None
+            raise ImgclsError(f"config: {name} must be an integer, got {short(value)}") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ImgclsError(f"config: {name} must be a number, got {value!r}")
+            raise ImgclsError(f"config: {name} must be a number, got {short(value)}")
         try:
             return float(value)
         except ValueError:
-            raise ImgclsError(f"config: {name} must be a number, got {value!r}") from None
+            raise ImgclsError(f"config: {name} must be a number, got {short(value)}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ImgclsError(f"config: {name} must be text, got {value!r}")
+            raise ImgclsError(f"config: {name} must be text, got {short(value)}")
         return str(value)
     raise TypeError(f"unsupported config type for {name}: {tp}")  # a bug in this file, not user input
 
@@ -200,7 +228,8 @@ def check_keys(d: dict[str, Any], *, where: str) -> None:
     unknown = sorted(set(d) - set(_TYPES))
     if unknown:
         raise ImgclsError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(field_names())}"
+            f"{where}: unknown key(s) {', '.join(short(k) for k in unknown[:10])}{' ...' if len(unknown) > 10 else ''}; "
+            f"valid keys: {', '.join(field_names())}"
         )
 
 
@@ -219,15 +248,49 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return d
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes the document holds once every alias is expanded; shared nodes are counted once per use
+    but computed once, so an alias bomb is measured in microseconds, not expanded."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = YAML_MAX_NODES + 1  # a node reached again while being measured: a recursive alias
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(_expanded_size(v, memo) for v in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        else:
+            n = 1
+        memo[key] = min(n, YAML_MAX_NODES + 1)
+    return memo[key]
+
+
+def parse_yaml(text: str, *, what: str) -> Any:
+    """YAML text as data, never code, refusing documents that aliases expand beyond ``YAML_MAX_NODES``
+    (PyYAML has no such limit: 400 bytes of nested aliases make a billion-item list)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > YAML_MAX_NODES:
+            raise ImgclsError(f"{what} expands its aliases (&/*) beyond {YAML_MAX_NODES:,} items; refused (an alias bomb?)")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ImgclsError(f"{what} is not valid YAML/JSON: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path, *, what: str) -> Any:
     """Parse a YAML (or JSON) file as data, never code; ``what`` names the file in errors."""
     p = Path(path)
     if not p.is_file():
         raise ImgclsError(f"{what} not found: {p}")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ImgclsError(f"{what} {p} is not valid YAML/JSON: {e}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ImgclsError(f"{what} {p} is not UTF-8 text: {e}") from None
+    return parse_yaml(text, what=f"{what} {p}")
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -251,8 +314,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ImgclsError(f"--set takes key=value, got {item!r}")
         key = key.strip().replace("-", "_")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            out[key] = parse_yaml(raw, what=f"--set {key}") if raw.strip() else ""
+        except ImgclsError as e:
+            if "alias" in str(e):
+                raise
             out[key] = raw
     check_keys(out, where="--set")
     return out

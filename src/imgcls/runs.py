@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from imgcls import progress
+from imgcls import locks, progress
 from imgcls.config import TrainConfig
 from imgcls.data import Split, prepare_eval
 from imgcls.engine.evaluate import (
@@ -19,7 +19,7 @@ from imgcls.engine.evaluate import (
     predict_logits,
     reliability_bins,
 )
-from imgcls.engine.inference import LoadedRun, expand_paths, load_images, load_run
+from imgcls.engine.inference import LoadedRun, expand_paths, input_folders, load_images, load_run
 from imgcls.engine.train import train
 from imgcls.errors import ImgclsError
 from imgcls.io import write_csv, write_json
@@ -83,14 +83,37 @@ def _misclassified_grid(split: Split, logits: torch.Tensor, classes: list[str], 
     plots.image_grid(images, titles, path, suptitle="most confident mistakes")
 
 
+def refuse_inside_data(out: Path, data: str) -> None:
+    """A run written inside a folder data set would be scanned as data next time (a CSV lists its files,
+    and built-in sets have no folder, so runs beside those are fine)."""
+    src = Path(data).expanduser()
+    if not data or not src.is_dir():
+        return
+    root = src.resolve()
+    if out.expanduser().resolve().is_relative_to(root):
+        raise ImgclsError(
+            f"the output {out} is inside the data set {root}: imgcls would read its files as data next time; "
+            "pass --out outside it"
+        )
+
+
 def train_and_evaluate(cfg: TrainConfig, *, run_dir: str | Path, resume: bool = False) -> dict:
-    """``imgcls train``: train, then evaluate the best checkpoint on the test split; returns the summary."""
+    """``imgcls train``: train, then evaluate the best checkpoint on the test split; returns the summary.
+
+    Rank 0 holds the run folder's lock throughout: a second run into the same folder is refused."""
     run_dir = Path(run_dir)
+    refuse_inside_data(run_dir, cfg.data)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train_and_evaluate(cfg, run_dir=run_dir, resume=resume)
+    with locks.exclusive(run_dir, what="run folder"):
+        return _train_and_evaluate(cfg, run_dir=run_dir, resume=resume)
+
+
+def _train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool) -> dict:
     t0 = time.perf_counter()
     result, data = train(cfg, run_dir=run_dir, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 evaluates; IMGCLS_QUIET must not skip it
         return {}
-    plots.training_curves(result.history, run_dir / "curves.png", title=run_dir.name)
     summary = {
         "run": str(run_dir),
         "model": result.config.model,
@@ -106,6 +129,8 @@ def train_and_evaluate(cfg: TrainConfig, *, run_dir: str | Path, resume: bool = 
         "train_img_per_s": result.train_img_per_s,
         "train_wall_s": result.wall_s,
     }
+    write_json(run_dir / "summary.json", summary)  # the numbers first: a plot that fails loses nothing
+    plots.training_curves(result.history, run_dir / "curves.png", title=run_dir.name)
     if data.test is not None:
         loaded = load_run(run_dir, device=cfg.device)
         metrics = evaluate_split(loaded, data.test, run_dir / "eval", excluded=data.excluded_test, tta=cfg.tta)
@@ -167,9 +192,22 @@ def predict_images(loaded: LoadedRun, images: torch.Tensor, paths: list, *, topk
     ]
 
 
+def _check_predict_out(out: Path, inputs: list[str]) -> None:
+    """Predictions go to a .csv or .json file of their own, never into a folder being read."""
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise ImgclsError(f"predict --out must name a .csv or .json file, got {out}")
+    if out.is_dir():
+        raise ImgclsError(f"predict --out {out} is an existing folder; name a .csv or .json file")
+    for folder in input_folders(inputs):
+        if out.expanduser().resolve().is_relative_to(folder.resolve()):
+            raise ImgclsError(f"predict --out {out} is inside the input folder {folder}; write it elsewhere")
+
+
 def predict_command(run_dir: str | Path, inputs: list[str | Path], out: str | Path | None, *, topk: int = 5, device: str = "auto") -> tuple[list[dict], list[dict]]:
     """``imgcls predict``: top-k labels per image, to CSV or JSON (by the output's extension)."""
     inputs, out = [str(i) for i in inputs], out and Path(out)
+    if out is not None:
+        _check_predict_out(out, inputs)
     loaded = load_run(run_dir, device=device)
     paths = expand_paths(inputs)
     if not paths:

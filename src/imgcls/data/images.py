@@ -18,6 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from imgcls.errors import ImgclsError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+# Image formats people keep in photo folders that this build of Pillow does not read: listed as skipped
+# (with this reason) by predict and explain instead of vanishing without a row.
+UNSUPPORTED_EXTENSIONS = frozenset({".heic", ".heif", ".jxl", ".svg", ".psd", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2"})
 BACKGROUND = (255, 255, 255)  # alpha is composited on white, the way viewers show transparent images
 RESIZE_MODES = ("squash", "crop", "pad")
 # pad fills with the ImageNet mean colour: after normalisation it is 0, the value the network's own zero
@@ -37,6 +40,10 @@ class BadImage(Exception):
 
 def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_unsupported_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in UNSUPPORTED_EXTENSIONS
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

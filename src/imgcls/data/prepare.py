@@ -177,7 +177,7 @@ def prepare_eval(
         pools_used = {"all": disc.pools["all"]}
     else:
         raise ImgclsError(f"{data} has no test split to evaluate (expected test/ or a plain folder of classes)")
-    disc = Discovery(disc.kind, disc.root, pools_used, disc.ignored_by_extension)
+    disc = Discovery(disc.kind, disc.root, pools_used, disc.ignored_by_extension, skipped=disc.skipped)
     pools = _decode_all(disc, img_size, max_bad=1.0, resize=resize)
     name, dec = next(iter(pools.items()))
     index = {c: i for i, c in enumerate(classes)}
@@ -226,7 +226,7 @@ def build_report(
     learned = counts.get("train") or next(iter(counts.values()), {})  # eval data: the evaluated split
     modes: Counter = Counter()
     sizes: Counter = Counter()
-    skipped = []
+    skipped = list(disc.skipped)  # links out of the data root, run folders: refused before decoding
     for dec in pools.values():
         modes.update(dec.modes)
         sizes.update(dec.sizes)

@@ -53,30 +53,65 @@ class Discovery:
     pools: dict[str, Pool]
     ignored_by_extension: dict[str, int] = field(default_factory=dict)
     empty_class_folders: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: links out of the root, run folders
 
 
 def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def _scan_class_folders(folder: Path, ignored: Counter, empty: list[str]) -> tuple[list[str], list[str]]:
+OUTSIDE = "a symlink to outside the data root"
+
+
+def is_run_folder(p: Path) -> bool:
+    """A folder imgcls wrote a run into (config.json + checkpoints/): never data, wherever it lies."""
+    return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+
+
+def inside(p: Path, root: Path) -> bool:
+    """The one symlink policy of every source: what a path finally points at must lie inside ``root``
+    (already resolved). Links within the data set are fine; a link out of it is skipped and reported."""
+    return p.resolve().is_relative_to(root)
+
+
+def _scan_class_folders(folder: Path, ignored: Counter, empty: list[str], root: Path, skipped: list[dict]) -> tuple[list[str], list[str]]:
     """``folder/<class>/**/<image>`` -> (paths, labels); hidden entries skipped, other extensions counted."""
     paths: list[str] = []
     labels: list[str] = []
     for cls_dir in sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p)):
+        if is_run_folder(cls_dir):
+            skipped.append({"path": str(cls_dir.absolute()), "reason": "an imgcls run folder, not a class"})
+            continue
+        if not inside(cls_dir, root):
+            skipped.append({"path": str(cls_dir.absolute()), "reason": OUTSIDE})
+            continue
         n = 0
+        runs_inside = 0
         for dirpath, dirnames, filenames in os.walk(cls_dir, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    continue
+                if is_run_folder(Path(dirpath, d)):
+                    skipped.append({"path": str(Path(dirpath, d).absolute()), "reason": "an imgcls run folder, not data"})
+                    runs_inside += 1
+                    continue
+                keep.append(d)
+            dirnames[:] = keep
             for fn in sorted(filenames):
                 if fn.startswith("."):
                     continue
                 if is_image_name(fn):
-                    paths.append(str(Path(dirpath, fn).absolute()))
+                    full = Path(dirpath, fn)
+                    if full.is_symlink() and not inside(full, root):
+                        skipped.append({"path": str(full.absolute()), "reason": OUTSIDE})
+                        continue
+                    paths.append(str(full.absolute()))
                     labels.append(cls_dir.name)
                     n += 1
                 else:
                     ignored[Path(fn).suffix.lower() or "(none)"] += 1
-        if n == 0:
+        if n == 0 and not runs_inside:  # a folder holding only runs (the default runs/) is not a class
             empty.append(str(cls_dir))
     return paths, labels
 
@@ -100,22 +135,27 @@ def discover(data: str) -> Discovery:
         raise ImgclsError(f"data must be a folder, a .csv file or 'fashion-mnist'; got the file {data}")
     ignored: Counter = Counter()
     empty: list[str] = []
+    skipped: list[dict] = []
+    real_root = root.resolve()
     subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and _visible(p)}
     split_dirs = {SPLIT_NAMES[k]: v for k, v in subdirs.items() if k in SPLIT_NAMES}
     pools: dict[str, Pool] = {}
     if "train" in split_dirs:
         for split, folder in sorted(split_dirs.items()):
-            paths, labels = _scan_class_folders(folder, ignored, empty)
+            if not inside(folder, real_root):
+                skipped.append({"path": str(folder.absolute()), "reason": OUTSIDE})
+                continue
+            paths, labels = _scan_class_folders(folder, ignored, empty, real_root, skipped)
             _loose_files(folder, ignored)
             pools[split] = Pool(split, paths, labels)
         kind = "split-root"
     elif "test" in split_dirs and len(subdirs) == len(split_dirs):
         # an evaluation-only root (test/ without train/)
-        paths, labels = _scan_class_folders(split_dirs["test"], ignored, empty)
+        paths, labels = _scan_class_folders(split_dirs["test"], ignored, empty, real_root, skipped)
         pools["test"] = Pool("test", paths, labels)
         kind = "split-root"
     else:
-        paths, labels = _scan_class_folders(root, ignored, empty)
+        paths, labels = _scan_class_folders(root, ignored, empty, real_root, skipped)
         _loose_files(root, ignored)
         pools["all"] = Pool("all", paths, labels)
         kind = "class-folders"
@@ -125,7 +165,7 @@ def discover(data: str) -> Discovery:
         raise ImgclsError(
             f"no images found in {data}: expected class subfolders of images, or train/ and test/ split folders"
         )
-    return Discovery(kind, str(root.absolute()), pools, dict(ignored), empty)
+    return Discovery(kind, str(root.absolute()), pools, dict(ignored), empty, skipped)
 
 
 def _from_csv(path: Path) -> Discovery:
@@ -139,13 +179,17 @@ def _from_csv(path: Path) -> Discovery:
         raise ImgclsError(f"CSV {path} needs a header with columns path,label (and optionally split)")
     by_split: dict[str, tuple[list[str], list[str]]] = {}
     ignored: Counter = Counter()
+    skipped: list[dict] = []
     for i, row in enumerate(rows, start=2):
         rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not rel or not label:
             raise ImgclsError(f"CSV {path} line {i}: empty path or label")
-        target = (root / rel).resolve()  # resolves symlinks too, so a link cannot escape the root
-        if not target.is_relative_to(root):
+        target = Path(os.path.normpath(root / rel))
+        if not target.is_relative_to(root):  # written as ../ or an absolute path: the CSV itself is wrong
             raise ImgclsError(f"CSV {path} line {i}: path {rel!r} escapes the data root {root}")
+        if not inside(target, root):  # a link out of the root: the same policy as folders
+            skipped.append({"path": str(target), "reason": OUTSIDE})
+            continue
         if not is_image_name(target):
             ignored[target.suffix.lower() or "(none)"] += 1
             continue
@@ -163,7 +207,7 @@ def _from_csv(path: Path) -> Discovery:
         raise ImgclsError(f"CSV {path} lists no image files")
     if "all" not in pools and "train" not in pools and "test" not in pools:
         raise ImgclsError(f"CSV {path}: rows with split values need at least a train or a test split")
-    return Discovery("csv", str(root), pools, dict(ignored))
+    return Discovery("csv", str(root), pools, dict(ignored), skipped=skipped)
 
 
 def _read_idx(path: Path) -> np.ndarray:

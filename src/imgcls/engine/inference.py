@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from torch import nn
 
 from imgcls import config as config_mod
 from imgcls.config import TrainConfig
-from imgcls.data.images import BadImage, decode_square, is_image_name
+from imgcls.data.images import BadImage, decode_square, is_image_name, is_unsupported_image_name
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import runtime as rt_mod
 from imgcls.errors import ImgclsError
@@ -40,8 +42,8 @@ def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> L
     path = run_dir / "checkpoints" / f"{which}.safetensors"
     if not path.is_file() and which == "best":
         path = run_dir / "checkpoints" / "last.safetensors"
-    tensors, meta = ckpt.load(path)
-    cfg = config_mod.from_dict(meta["config"], where=str(path))
+    tensors, meta = ckpt.load_run_meta(path)
+    cfg = config_mod.from_dict(meta["config"], where=f"checkpoint {path}: metadata config")
     classes = list(meta["classes"])
     # weights come from the checkpoint; never re-download or re-read the pretrained source
     model = build_model(
@@ -73,29 +75,63 @@ def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> L
     )
 
 
-def expand_paths(inputs: list[str]) -> list[Path]:
-    """Images, folders (recursively, hidden entries skipped) and globs -> sorted unique image paths."""
-    import glob
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
+
+def _listed(path: Path) -> bool:
+    """Files predict and explain take: images, and image formats they report as unsupported."""
+    return is_image_name(path) or is_unsupported_image_name(path)
+
+
+def split_glob(pattern: str) -> tuple[Path, str]:
+    """``d/sub/**/*.png`` -> (``d/sub``, ``**/*.png``): the folder a glob cannot leave, and the rest."""
+    parts = Path(pattern).expanduser().parts
+    n = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return Path(*parts[:n]) if n else Path("."), "/".join(parts[n:])
+
+
+def input_folders(inputs: list[str]) -> list[Path]:
+    """The folders that ``inputs`` read from (folders given, and the fixed part of each glob)."""
+    out = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out.append(p)
+        elif not p.is_file() and glob.has_magic(item):
+            out.append(split_glob(item)[0])
+    return out
+
+
+def expand_paths(inputs: list[str]) -> list[Path]:
+    """Images, folders (recursively, hidden entries skipped) and globs -> sorted unique image paths.
+
+    A file reached twice (two inputs, or a symlink to a file already listed) is listed once, by the first
+    path that reached it. Directory symlinks are not followed by folders or by ``**``, so a link loop
+    cannot multiply the files or run on for ever (Python's glob.glob follows them until the path is too long).
+    """
     out: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(
-                q for q in sorted(p.rglob("*"))
-                if q.is_file() and is_image_name(q) and not any(part.startswith(".") for part in q.relative_to(p).parts)
-            )
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found.extend(Path(dirpath, f) for f in filenames if not f.startswith("."))
+            out.extend(q for q in sorted(found) if _listed(q) and q.is_file())
         elif p.is_file():
             out.append(p)
         else:
-            hits = sorted(glob.glob(item, recursive=True))
+            root, rest = split_glob(item)
+            hits = sorted(root.glob(rest)) if rest and root.is_dir() else []
             if not hits:
                 raise ImgclsError(f"no such file, folder or glob match: {item}")
-            out.extend(Path(h) for h in hits if Path(h).is_file() and is_image_name(h))
+            out.extend(h for h in hits if h.is_file() and _listed(h) and not _hidden(h, root))
     seen, unique = set(), []
     for p in out:
-        if p not in seen:
-            seen.add(p)
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
             unique.append(p)
     return unique
 
@@ -105,6 +141,9 @@ def load_images(paths: list[Path], size: int, resize: str = "squash") -> tuple[t
     uint8, the usable paths, and skips with reasons."""
     arrays, ok, skipped = [], [], []
     for p in paths:
+        if is_unsupported_image_name(p):
+            skipped.append({"path": str(p), "reason": f"unsupported format {p.suffix.lower()}: convert it to JPEG or PNG"})
+            continue
         try:
             data = Path(p).read_bytes()
         except OSError as e:

@@ -160,7 +160,7 @@ class Run:
 
         rt_mod.seed_everything(cfg.seed)
         model = build_model(cfg.model, num_classes=len(data.classes), pretrained=cfg.pretrained, weights=cfg.weights,
-                            dropout=cfg.dropout, drop_path=cfg.drop_path, norm=cfg.norm)
+                            weights_partial=cfg.weights_partial, dropout=cfg.dropout, drop_path=cfg.drop_path, norm=cfg.norm)
         frozen = freeze_stages(model, cfg.freeze)
         precision = rt_mod.choose_precision(cfg.precision, model, rt.device, data.img_size)
         channels_last = rt_mod.choose_channels_last(cfg.channels_last)

@@ -127,19 +127,47 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load matching tensors from a file; a head of another shape is left as built. Returns skipped keys."""
+WEIGHTS_MIN_SHARE = 0.9  # of the model's parameter elements (its data-sized head aside) a --weights file must fill
+
+
+def _names(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, path: str | Path, *, partial: bool = False) -> list[str]:
+    """Load matching tensors from a file and say what loaded, what is missing and what was unexpected.
+
+    A head of another shape is left as built (it is sized for the data). Unless ``partial``, the file
+    must fill at least 90 % of the other parameters by element count: weights of another architecture
+    share many names and shapes by accident (ResNet-50 into ResNet-18: 44 of 62 parameter tensors, 56 %
+    of the elements), and loading them silently is worse than refusing. The head is left out of the
+    count because it is sized for the data and never expected to load. Returns the skipped keys.
+    """
+    from imgcls import progress
+
     state = load_state_file(path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    params = {k for k, _ in model.named_parameters()}
-    if len(params & set(usable)) < len(params) // 2:
+    missing = sorted(set(own) - set(usable))
+    unexpected = sorted(set(state) - set(usable))
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    body = {k: p.numel() for k, p in model.named_parameters() if id(p) not in head_ids}
+    total = sum(body.values()) or 1
+    share = sum(n for k, n in body.items() if k in usable) / total
+    report = (
+        f"weights {path}: loaded {len(usable)} of {len(own)} tensors ({share * 100:.1f} % of the parameters outside the head)"
+        + (f"; missing: {_names(missing)}" if missing else "")
+        + (f"; unexpected or of another shape: {_names(unexpected)}" if unexpected else "")
+    )
+    if share < WEIGHTS_MIN_SHARE and not partial:
         raise ImgclsError(
-            f"no tensor in {path} fits most of the model: only {len(params & set(usable))} of {len(params)} "
-            "parameters match by name and shape (weights of another architecture?)"
+            f"{report}. Fewer than {WEIGHTS_MIN_SHARE * 100:.0f} % of the model's parameters load (weights of "
+            "another architecture?); pass --weights-partial to use them anyway"
         )
     model.load_state_dict(usable, strict=False)
-    return sorted(set(own) - set(usable))
+    progress.say(report)
+    return missing
 
 
 def check_model_name(name: str) -> None:
@@ -158,6 +186,7 @@ def build_model(
     dropout: float = 0.0,
     drop_path: float = 0.0,
     norm: str = "default",
+    weights_partial: bool = False,
 ) -> nn.Module:
     """A timm model with a ``num_classes`` head and the requested knobs."""
     check_model_name(name)
@@ -180,7 +209,7 @@ def build_model(
     if use_package:
         _load_lite0_pretrained(model)
     if weights:
-        load_weights(model, weights)
+        load_weights(model, weights, partial=weights_partial)
     if norm == "none":
         remove_norms(model)
     return model
