@@ -28,6 +28,7 @@ import numpy as np
 from imgcls import locks, progress
 from imgcls.data.images import BadImage, decode_square, resize_rgb
 from imgcls.data.sources import Pool
+from imgcls.io import write_text
 
 CACHE_VERSION = "2"  # 2: entries carry check.json (sizes and digests)
 
@@ -193,15 +194,7 @@ def _filled(entry: Path, pool: Pool, warned: set[Path], make) -> DecodedPool:
 
 
 def _write_index(index: Path, key: str) -> None:
-    index.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{index.name}.", suffix=".tmp", dir=index.parent)  # unique per writer
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"key": key}))
-        os.replace(tmp, index)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(index, json.dumps({"key": key}))  # a unique temp name per writer, then a rename
 
 
 def decode_pool(pool: Pool, *, size: int, resize: str = "squash", source_id: str = "", workers: int | None = None) -> DecodedPool:
