@@ -108,8 +108,11 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         return
     lines = [""]
     if "test_accuracy" in summary:
+        from imgcls.report.intervals import fmt_num, fmt_pct
+
         lines.append(
-            f"test accuracy {summary['test_accuracy']:.2%}  macro-F1 {summary['test_macro_f1']:.3f}  "
+            f"test accuracy {fmt_pct(summary['test_accuracy'], summary.get('test_accuracy_ci'))}  "
+            f"macro-F1 {fmt_num(summary['test_macro_f1'], summary.get('test_macro_f1_ci'))}  "
             f"ECE {summary['test_ece']:.3f}  (best val {summary['best_val_acc']:.2%} at epoch {summary['best_epoch']})"
         )
     lines.append(f"trained {summary['epochs_run']} epoch(s) at {summary['train_img_per_s']:,.0f} img/s; wall {summary['wall_s']:.0f}s")
@@ -203,7 +206,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = eval_command(args.run, args.data, args.out, tta=args.tta, device=args.device)
     out = args.out or args.run / "eval"
-    progress.say(f"accuracy {metrics['accuracy']:.2%} on {metrics['n']:,} images  macro-F1 {metrics['macro_f1']:.3f}  ECE {metrics['ece']:.3f}"
+    from imgcls.report.intervals import fmt_num, fmt_pct
+
+    ci = metrics.get("intervals", {})
+    progress.say(f"accuracy {fmt_pct(metrics['accuracy'], ci.get('accuracy'))} on {metrics['n']:,} images  "
+                 f"macro-F1 {fmt_num(metrics['macro_f1'], ci.get('macro_f1'))}  "
+                 f"balanced accuracy {fmt_pct(metrics['balanced_accuracy'], ci.get('balanced_accuracy'))}  ECE {metrics['ece']:.3f}"
                  + (f"  top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""))
     worst = sorted(metrics["per_class"].items(), key=lambda kv: kv[1]["f1"])[:3]
     progress.say("weakest classes: " + ", ".join(f"{k} F1 {v['f1']:.2f}" for k, v in worst))

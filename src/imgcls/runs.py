@@ -23,7 +23,7 @@ from imgcls.engine.inference import LoadedRun, expand_paths, input_folders, load
 from imgcls.engine.train import train
 from imgcls.errors import ImgclsError
 from imgcls.io import write_csv, write_json
-from imgcls.report import plots
+from imgcls.report import intervals, plots
 
 
 def _logits(run: LoadedRun, images: torch.Tensor, *, tta: bool, what: str) -> torch.Tensor:
@@ -42,6 +42,7 @@ def evaluate_split(run: LoadedRun, split: Split, out_dir: Path, *, excluded: Spl
     logits = _logits(run, split.images, tta=tta, what=f"{len(split)} images")
     metrics = classification_metrics(logits, split.labels, run.classes)
     metrics["most_confused"] = most_confused(metrics["confusion_matrix"], run.classes)
+    metrics["intervals"] = intervals.classification_intervals(metrics["confusion_matrix"], run.classes)
     metrics["reliability"] = reliability_bins(logits, split.labels)
     metrics["tta"] = tta
     ex_logits = None
@@ -136,6 +137,8 @@ def _train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool) -> dic
         metrics = evaluate_split(loaded, data.test, run_dir / "eval", excluded=data.excluded_test, tta=cfg.tta)
         summary["test_accuracy"] = metrics["accuracy"]
         summary["test_macro_f1"] = metrics["macro_f1"]
+        summary["test_accuracy_ci"] = metrics["intervals"]["accuracy"]
+        summary["test_macro_f1_ci"] = metrics["intervals"]["macro_f1"]
         summary["test_ece"] = metrics["ece"]
         if "excluded" in metrics:
             summary["excluded_auroc"] = metrics["excluded"]["auroc_max_softmax"]
