@@ -13,6 +13,7 @@ from imgcls import config as config_mod
 from imgcls.audit import cli as audit_cli
 from imgcls.errors import ImgclsError, Interrupted
 from imgcls.explain import cli as explain_cli
+from imgcls.report import cli as report_cli
 from imgcls.study import cli as study_cli
 
 HELP = {
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain_cli.add_parser(sub)
     audit_cli.add_parser(sub)
     study_cli.add_parser(sub)
+    report_cli.add_parsers(sub)
     return parser
 
 
@@ -120,6 +122,8 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     lines.append("  config.json, data_report.json, metrics.csv, curves.png, checkpoints/best.safetensors")
     if (run_dir / "eval").is_dir():
         lines.append("  eval/metrics.json, eval/predictions.csv, eval/confusion_matrix*.png, eval/misclassified.png")
+    if (run_dir / "report.html").is_file():
+        lines.append("  report.html (one self-contained page of all of it)")
     for line in lines:
         progress.say(line)
 

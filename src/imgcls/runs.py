@@ -144,6 +144,9 @@ def _train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool) -> dic
             summary["excluded_auroc"] = metrics["excluded"]["auroc_max_softmax"]
     summary["wall_s"] = time.perf_counter() - t0
     write_json(run_dir / "summary.json", summary)
+    from imgcls.report.html import write_report  # the page reads the files written above
+
+    write_report(run_dir)
     return summary
 
 

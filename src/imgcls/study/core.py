@@ -10,6 +10,7 @@ from pathlib import Path
 from imgcls import progress
 from imgcls.errors import ImgclsError
 from imgcls.io import write_json, write_text
+from imgcls.report.html import write_report
 from imgcls.study import analysis as agg
 from imgcls.study import plots, report, runner
 from imgcls.study.executors import Executor, LocalExecutor
@@ -97,6 +98,7 @@ def aggregate(study: Study, out: Path, *, skip: set[tuple[str, int]] = frozenset
                          curves=curves, panel_note=panel_note)
     write_text(out / "summary.md", md)
     files.insert(0, out / "summary.md")
+    files.insert(1, write_report(out))  # the page reads the tables and plots written above
     return StudyResult(out=out, trained=0, skipped=0, summary=summary, missing=missing, files=files, panel_note=panel_note)
 
 
@@ -115,7 +117,7 @@ def say_summary(result: StudyResult, *, wall_s: float) -> None:
         progress.say(f"missing from the report: {', '.join(result.missing)}")
     if result.panel_note:
         progress.say(result.panel_note)
-    progress.say(f"files: {result.out}/summary.md, summary.csv, results.csv, per_class_delta.csv, *.png")
+    progress.say(f"files: {result.out}/report.html, summary.md, summary.csv, results.csv, per_class_delta.csv, *.png")
 
 
 def timed_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, report_only: bool = False,
