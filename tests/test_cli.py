@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -25,7 +26,8 @@ def trained(tmp_path_factory):
 def test_train_writes_a_self_describing_run(trained):
     data, run, r = trained
     assert "test accuracy" in r.stderr and str(run) in r.stderr
-    for name in ("config.json", "classes.json", "data_report.json", "metrics.csv", "curves.png", "summary.json",
+    assert re.search(r"test accuracy \d+\.\d % \[\d+\.\d, \d+\.\d\]", r.stderr)  # with its 95 % interval
+    for name in ("report.html", "config.json", "classes.json", "data_report.json", "metrics.csv", "curves.png", "summary.json",
                  "checkpoints/best.safetensors", "checkpoints/last.safetensors", "eval/metrics.json"):
         assert (run / name).exists(), name
     cfg = json.loads((run / "config.json").read_text())
@@ -38,7 +40,7 @@ def test_eval_outputs(trained, tmp_path):
     r = run_cli("eval", str(run), "--out", str(out))
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
-    assert {"accuracy", "classes", "confusion_matrix", "per_class", "top5", "ece", "most_confused"} <= set(m)
+    assert {"accuracy", "classes", "confusion_matrix", "per_class", "top5", "ece", "most_confused", "intervals"} <= set(m)
     assert m["n"] == 21 and len(m["confusion_matrix"]) == 7
     assert sum(map(sum, m["confusion_matrix"])) == 21
     assert set(m["per_class"]["cat"]) >= {"precision", "recall", "f1", "accuracy", "support"}
