@@ -157,7 +157,7 @@ def test_report_command_rerenders_and_rejects_other_folders(study, tmp_path):
     r = run_cli("report", str(_runs(study, "no-fox")), "--out", str(out))
     assert r.returncode == 0, r.stderr
     html = _self_contained(out)
-    assert "Run seed0" in html and "fox (left out)" in html
+    assert "Run no-fox/seed0" in html and "fox (left out)" in html
     r = run_cli("report", str(tmp_path))
     assert r.returncode == 2 and "is not a run" in r.stderr and "Traceback" not in r.stderr
 

@@ -220,7 +220,8 @@ def _run_context(folder: Path, out: Path) -> dict:
     data_report = _json(folder / "data_report.json")
     ev = folder / "eval"
     ctx = {
-        "title": f"Run {folder.name}",
+        # a study's run folders are all called seed<k>: the arm tells them apart
+        "title": f"Run {folder.parent.name}/{folder.name}" if folder.name.startswith("seed") else f"Run {folder.name}",
         "subtitle": f"{config.get('model', '?')} on {Path(str(config.get('data', '?'))).name}, "
                     f"{len(summary.get('classes') or (metrics or {}).get('classes') or [])} classes",
         "headline": _headline(metrics) if metrics else [],
@@ -228,7 +229,8 @@ def _run_context(folder: Path, out: Path) -> dict:
             ("epochs run", _scalar(summary.get("epochs_run")) + (" (stopped early)" if summary.get("stopped_early") else "")),
             ("best validation accuracy", f"{fmt_pct(summary['best_val_acc'], digits=2)} at epoch {summary.get('best_epoch')}"
              if "best_val_acc" in summary else None),
-            ("training speed", f"{summary['train_img_per_s']:,.0f} images/s" if "train_img_per_s" in summary else None),
+            ("training speed", f"{summary['train_img_per_s']:,.{0 if summary['train_img_per_s'] >= 10 else 1}f} images/s"
+             if "train_img_per_s" in summary else None),
             ("training time", f"{summary['train_wall_s']:.0f} s" if "train_wall_s" in summary else None),
             ("test-time augmentation", "flip" if (metrics or {}).get("tta") else None),
         ]),
