@@ -34,7 +34,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"compare-{args.run_a.name}-vs-{args.run_b.name}"
     doc = compare_runs(args.run_a, args.run_b, args.data, out, classes=args.classes, device=args.device)
     print(doc["sentence"])
-    progress.say(f"files: {out}/compare.json, report.html, a_right_b_wrong.png, b_right_a_wrong.png")
+    grids = [name for name in doc["grids"].values() if name]  # a grid with no image is not written
+    progress.say(f"files: {out}/compare.json, report.html" + "".join(f", {g}" for g in grids))
     return 0
 
 
