@@ -228,7 +228,7 @@ def check_keys(d: dict[str, Any], *, where: str) -> None:
     unknown = sorted(set(d) - set(_TYPES))
     if unknown:
         raise ImgclsError(
-            f"{where}: unknown key(s) {', '.join(short(k) for k in unknown[:10])}{' ...' if len(unknown) > 10 else ''}; "
+            f"{where}: unknown key(s) {', '.join(str(k)[:60] for k in unknown[:10])}{' ...' if len(unknown) > 10 else ''}; "
             f"valid keys: {', '.join(field_names())}"
         )
 
