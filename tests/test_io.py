@@ -50,3 +50,10 @@ def test_plots_leave_the_users_matplotlib_alone(tmp_path):
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
         "assert 'matplotlib.pyplot' not in sys.modules"
     )
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path):
+    from imgcls import io
+
+    p = io.write_json(tmp_path / "m.json", {"a": 1})
+    assert p.stat().st_mode & 0o777 == 0o666 & ~io._UMASK  # 0644 under the usual umask 022, as open() gives

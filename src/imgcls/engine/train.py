@@ -167,12 +167,17 @@ class Run:
         model = model.to(rt.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        # timm's "sgd" is Nesterov SGD, which torch refuses without momentum; plain SGD then ("momentum" in timm)
+        opt = "momentum" if cfg.optimizer == "sgd" and cfg.momentum == 0 else cfg.optimizer
+        optimizer = timm.optim.create_optimizer_v2(model, opt=opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         steps_per_epoch = max(1, len(_batches(epoch_order(cfg.seed, 0, len(data.train), rt), cfg.batch_size)) // cfg.accum_steps)
         state = TrainState(
             model=model, optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer, steps_per_epoch),
             scaler=torch.amp.GradScaler(rt.device.type, enabled=precision == "fp16"),
-            ema=timm.utils.ModelEmaV3(model, decay=cfg.ema) if cfg.ema > 0 else None,
+            # warmup with power 1: decay = min(ema, k / (k + 1)) at update k, so until the EMA's horizon is
+            # reached it is the plain mean of the iterates so far. Without it, a run shorter than the horizon
+            # (a small folder: a few steps an epoch) keeps mostly its first iterate and evaluates as untrained.
+            ema=timm.utils.ModelEmaV3(model, decay=cfg.ema, use_warmup=True, warmup_power=1.0) if cfg.ema > 0 else None,
             aug_gen=torch.Generator(device=rt.device).manual_seed(aug_seed(cfg, rt)),
         )
         counts = torch.bincount(data.train.labels, minlength=len(data.classes)).clamp(min=1).tolist()
