@@ -239,3 +239,19 @@ def test_config_differences_ignore_auto_size_device_and_new_default_keys():
     stored.pop("ema")  # a run written before the key existed
     assert runner.config_differences(TrainConfig(), stored) == []
     assert runner.config_differences(TrainConfig(img_size=64, ema=0.9), stored) == ["img_size: 32 -> 64", "ema: (not stored) -> 0.9"]
+
+
+def test_spec_data_and_base_can_be_changed_from_the_command_line(tmp_path, monkeypatch):
+    from imgcls.study.spec import load_spec
+
+    spec = write_spec(tmp_path / "spec.yaml")
+    other = make_split_root(tmp_path / "elsewhere", train=3, test=1)
+    monkeypatch.chdir(tmp_path)
+    study = load_spec(spec, data="elsewhere", sets=["lr=0.05", "epochs=2"])
+    cfg = study.config(study.baseline, study.seeds[0])
+    assert cfg.data == str(other.resolve()) and cfg.lr == 0.05 and cfg.epochs == 2
+    assert load_spec(spec, data="fashion-mnist").data == "fashion-mnist"
+    with pytest.raises(ImgclsError, match="seed is set by the study"):
+        load_spec(spec, sets=["seed=3"])
+    with pytest.raises(ImgclsError, match="unknown key"):
+        load_spec(spec, sets=["colour=red"])

@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("spec", type=Path, help="study spec (YAML): name, data, base, seeds, arms[, baseline]")
     p.add_argument("--out", type=Path, default=None, help="study folder (default runs/study-<spec name>)")
+    p.add_argument("--data", default=None, metavar="PATH", help="use this data instead of the spec's data: (a folder, a CSV or fashion-mnist)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one key of the spec's base config for every arm (repeatable)")
     p.add_argument("--rerun-stale", action="store_true", help="move runs whose config no longer matches the spec to OUT/stale/ and redo them")
     p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs again")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -31,11 +34,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     from imgcls.errors import Interrupted
     from imgcls.study.core import timed_study
     from imgcls.study.executors import make_executor
+    from imgcls.study.spec import load_spec
 
     out = args.out or Path("runs") / f"study-{args.spec.stem}"
+    study = load_spec(args.spec, data=args.data, sets=args.set)
     executor = make_executor(args.executor, address=args.address)
     try:
-        timed_study(args.spec, out, rerun_stale=args.rerun_stale, report_only=args.report_only, executor=executor)
+        timed_study(study, out, rerun_stale=args.rerun_stale, report_only=args.report_only, executor=executor)
     except Interrupted as e:  # the run saved a checkpoint; the study, not `train --resume`, continues it
         print(f"imgcls: {e}; rerun the same study command to continue where it stopped", file=sys.stderr)
         return 128 + e.signum

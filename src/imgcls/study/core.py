@@ -30,11 +30,11 @@ class StudyResult:
     panel_note: str = ""
 
 
-def run_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, report_only: bool = False,
+def run_study(spec: str | Path | Study, out: Path, *, rerun_stale: bool = False, report_only: bool = False,
               executor: Executor | None = None) -> StudyResult:
-    """Run (or continue) every arm x seed of the spec in ``out`` (here unless ``executor`` says otherwise),
-    then aggregate; see :mod:`imgcls.study`."""
-    study = load_spec(spec_path)
+    """Run (or continue) every arm x seed of the spec (a file, or one already loaded with ``load_spec``'s
+    overrides) in ``out`` (here unless ``executor`` says otherwise), then aggregate; see :mod:`imgcls.study`."""
+    study = spec if isinstance(spec, Study) else load_spec(spec)
     out = Path(out)
     planned = runner.plan(study, out)
     stale = [r for r in planned if r.state == "stale"]
@@ -120,9 +120,9 @@ def say_summary(result: StudyResult, *, wall_s: float) -> None:
     progress.say(f"files: {result.out}/report.html, summary.md, summary.csv, results.csv, per_class_delta.csv, *.png")
 
 
-def timed_study(spec_path: str | Path, out: Path, *, rerun_stale: bool = False, report_only: bool = False,
+def timed_study(spec: str | Path | Study, out: Path, *, rerun_stale: bool = False, report_only: bool = False,
                 executor: Executor | None = None) -> StudyResult:
     t0 = time.perf_counter()
-    result = run_study(spec_path, out, rerun_stale=rerun_stale, report_only=report_only, executor=executor)
+    result = run_study(spec, out, rerun_stale=rerun_stale, report_only=report_only, executor=executor)
     say_summary(result, wall_s=time.perf_counter() - t0)
     return result

@@ -151,8 +151,17 @@ def parse_spec(raw: Any, *, spec_dir: Path, spec_path: str = "") -> Study:
     return study
 
 
-def load_spec(path: str | Path) -> Study:
-    """Read and validate a study spec file."""
+def load_spec(path: str | Path, *, data: str | None = None, sets: list[str] | None = None) -> Study:
+    """Read and validate a study spec file.
+
+    ``data`` replaces the spec's data (a path relative to the current folder, or fashion-mnist) and ``sets``
+    (``key=value``, as ``train --set``) change the base config of every arm: one spec serves any folder."""
     p = Path(path)
     raw = read_yaml(p, what="study spec")
+    if isinstance(raw, dict) and (data is not None or sets):
+        raw = dict(raw)
+        if data is not None:
+            raw["data"] = data if data in BUILTIN_DATA else str(Path(data).expanduser().resolve())
+        if sets:
+            raw["base"] = {**_mapping(raw.get("base"), where="study spec base"), **config_mod.parse_set(sets)}
     return parse_spec(raw, spec_dir=p.resolve().parent, spec_path=str(p.resolve()))
