@@ -37,6 +37,23 @@ HELP = {
     "channels_last": "auto | on | off",
     "device": "auto | cpu | cuda | cuda:N",
     "split_seed": "seed of the train/val/test carving (kept fixed across training seeds)",
+    "val_fraction": "share of the training images held out for validation when the data has no val/",
+    "test_fraction": "share held out for testing when DATA is a plain folder of classes",
+    "max_bad_fraction": "largest share of unreadable files in a split before training stops with an error",
+    "dropout": "dropout before the classifier",
+    "drop_path": "stochastic depth rate (models that support it)",
+    "optimizer": "adam | adamw | sgd (Nesterov; plain SGD with --momentum 0)",
+    "lr": "peak learning rate",
+    "weight_decay": "weight decay",
+    "momentum": "SGD momentum",
+    "schedule": "cosine (to 1 %% of lr) | constant, after the warmup",
+    "warmup_epochs": "linear warmup from 1 %% of lr, in epochs (fractions allowed)",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "grad_clip": "clip the gradient norm to this value (0 = off)",
+    "accum_steps": "batches accumulated per optimizer step",
+    "epochs": "epochs to train",
+    "batch_size": "images per batch (per process under torchrun)",
+    "seed": "seed of the weights' init, the batch order and the augmentation",
     "tensorboard": "write TensorBoard event files under RUN/tensorboard (default on)",
     "resize": "squash (default) | crop (centre square) | pad (to a square, ImageNet-mean grey): how images become square",
     "balance": "none | sampler (every class drawn equally often) | weights (effective-number loss weights)",
@@ -79,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
 
     e = sub.add_parser("eval", help="evaluate a run on its test split or on DATA")
-    e.add_argument("run", type=Path)
-    e.add_argument("data", nargs="?", default=None)
+    e.add_argument("run", type=Path, help="a run folder")
+    e.add_argument("data", nargs="?", default=None, help="other data to evaluate (default: the run's own test split)")
     e.add_argument("--out", type=Path, default=None, help="folder for metrics.json and plots (default RUN/eval)")
-    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation (default: as the run was trained)")
+    e.add_argument("--device", default="auto", help=HELP["device"])
 
     pr = sub.add_parser("predict", help="top-k labels for images, folders or globs")
     pr.add_argument("run", type=Path)
@@ -93,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
 
     d = sub.add_parser("demo", help="train and evaluate a small model on Fashion-MNIST (a few minutes on a laptop)")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"))
-    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
+    d.add_argument("--epochs", type=int, default=None, help="epochs (default 4)")
 
     explain_cli.add_parser(sub)
     audit_cli.add_parser(sub)

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--img-size", type=int, default=0, help="decode size (0 = the data's most common size, at most 160)")
     p.add_argument("--folds", type=int, default=5, help="folds of the out-of-sample label check")
     p.add_argument("--no-labels", dest="labels", action="store_false", help="skip the label check (no features)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (for the feature extractor)")
     p.set_defaults(handler=cmd_audit)
 
 

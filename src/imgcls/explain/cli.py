@@ -10,14 +10,14 @@ METHOD_NAMES = ("gradcam", "gradcam++", "eigencam", "layercam", "scorecam")  # =
 
 def add_parser(sub) -> None:
     p = sub.add_parser("explain", help="CAM heat maps, overlays and faithfulness scores for images, folders or globs")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run folder")
     p.add_argument("paths", nargs="+", help="images, folders (recursive) or globs")
-    p.add_argument("--method", default="gradcam", choices=[*METHOD_NAMES, "all"])
+    p.add_argument("--method", default="gradcam", choices=[*METHOD_NAMES, "all"], help="CAM method, or all of them")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/explain)")
     p.add_argument("--layer", default=None, metavar="NAME", help="dotted module name (default: the last module giving the feature map)")
     p.add_argument("--class", dest="target_class", default=None, metavar="NAME", help="explain this class instead of the prediction (why not NAME?)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(handler=cmd_explain)
 
 

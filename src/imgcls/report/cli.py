@@ -12,17 +12,17 @@ def add_parsers(sub) -> None:
         description="Both runs predict the same test images: their shared test split (same data and split settings), "
                     "or DATA. Writes OUT/compare.json, grids of the images only one run gets right, and OUT/report.html.",
     )
-    c.add_argument("run_a", type=Path, metavar="RUN_A")
-    c.add_argument("run_b", type=Path, metavar="RUN_B")
+    c.add_argument("run_a", type=Path, metavar="RUN_A", help="a run folder")
+    c.add_argument("run_b", type=Path, metavar="RUN_B", help="another run folder, compared on the same test images")
     c.add_argument("data", nargs="?", default=None, metavar="DATA", help="test images for both runs (default: their shared test split)")
     c.add_argument("--out", type=Path, default=None, help="folder for compare.json and the page (default runs/compare-A-vs-B)")
     c.add_argument("--classes", default="same", choices=("same", "shared"),
                    help="same: the runs must know the same classes (default); shared: compare on the classes both know")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     c.set_defaults(handler=cmd_compare)
 
     r = sub.add_parser("report", help="one self-contained HTML page for a run, a study or a comparison folder")
-    r.add_argument("folder", type=Path, metavar="RUN|STUDY|COMPARE_DIR")
+    r.add_argument("folder", type=Path, metavar="RUN|STUDY|COMPARE_DIR", help="a run, study or compare folder")
     r.add_argument("--out", type=Path, default=None, help="the page to write (default FOLDER/report.html)")
     r.set_defaults(handler=cmd_report)
 
