@@ -6,7 +6,7 @@ kept, alternating, ``--rounds`` times per model, medians compared. The step is a
 precision imgcls picks for the model on this CPU (ResNet-18: bf16, EfficientNet-Lite0: fp32). Also
 printed: the system time and minor page faults per child, which is where the difference comes from.
 
-    flock /tmp/imgcls-heavy.lock .venv/bin/python bench/allocator.py [--seconds 20] [--rounds 2]
+    .venv/bin/python bench/allocator.py [--seconds 20] [--rounds 2]
 """
 
 from __future__ import annotations

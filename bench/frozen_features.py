@@ -2,14 +2,14 @@
 
 For each model, two forward passes over the same input, alternated in chunks and compared by median:
 - ``plain``: the model as trained (batch norm as its own pass), bf16 autocast, channels_last, 128 images
-  per batch (what imgcls did before);
+  per batch (the plain path);
 - ``folded``: ``models.fold.folded_copy`` (batch norm folded into the conv before it), same precision and
   layout, ``runtime.inference_batch`` images per batch (16 on a CPU).
 Rows: EfficientNet-Lite0's stem + blocks 0-4 (the fast-finetune recipe's frozen part) and the whole
 Lite0, ResNet-18 and ResNet-50, at 150 px. Random weights with random norm statistics: speed does not
 depend on their values.
 
-    flock /tmp/imgcls-heavy.lock .venv/bin/python bench/frozen_features.py [--seconds 3] [--rounds 3]
+    .venv/bin/python bench/frozen_features.py [--seconds 3] [--rounds 3]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 The baseline takes ~10 minutes on the 2 cores; ``--skip-baseline`` leaves it out and quotes the figure
 measured before (PERFORMANCE.md: 3 epochs in 615 s, 90.1 %), marked as quoted.
 
-    flock /tmp/imgcls-heavy.lock .venv/bin/python bench/time_to_accuracy.py [--skip-baseline] [--set key=value ...]
+    .venv/bin/python bench/time_to_accuracy.py [--skip-baseline] [--set key=value ...]
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ step the data path leaves (1.0 = free); ``imgcls / baseline`` the speed-up over 
 device, and the warnings are reported with the line that caused them (the loss check every 25 steps is the
 one designed wait; the steps checked are not at a multiple of 25).
 
-    flock /tmp/imgcls-heavy.lock .venv/bin/python bench/train_throughput.py [--quick] [--models resnet18,...] [--data DIR]
+    .venv/bin/python bench/train_throughput.py [--quick] [--models resnet18,...] [--data DIR]
 """
 
 from __future__ import annotations
