@@ -36,6 +36,7 @@ HELP = {
     "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 where measured faster for the model and device; see README)",
     "channels_last": "auto | on | off",
     "device": "auto | cpu | cuda | cuda:N",
+    "keep": "share of validation images kept by the 'unknown' threshold (default 0.95)",
     "split_seed": "seed of the train/val/test carving (kept fixed across training seeds)",
     "val_fraction": "share of the training images held out for validation when the data has no val/",
     "test_fraction": "share held out for testing when DATA is a plain folder of classes",
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, default=None, help="a .csv or .json file (default: print)")
     pr.add_argument("--topk", type=int, default=5)
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--unknown", action=argparse.BooleanOptionalAction, default=True,
+                    help="add the columns unknown and score (the run's rejection threshold); --no-unknown leaves them out")
+
+    x = sub.add_parser("export", help="export a run's best checkpoint to ONNX or TorchScript, checked against the run")
+    x.add_argument("run", type=Path)
+    x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    x.add_argument("--out", type=Path, default=None, help="the file to write (default RUN/model.onnx or RUN/model.pt)")
+    x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
 
     d = sub.add_parser("demo", help="train and evaluate a small model on Fashion-MNIST (a few minutes on a laptop)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
@@ -234,6 +243,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  f"macro-F1 {fmt_num(metrics['macro_f1'], ci.get('macro_f1'))}  "
                  f"balanced accuracy {fmt_pct(metrics['balanced_accuracy'], ci.get('balanced_accuracy'))}  ECE {metrics['ece']:.3f}"
                  + (f"  top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""))
+    cal, unk = metrics["calibration"], metrics["unknown"]
+    progress.say(f"calibration: temperature {cal['temperature']:.3f}  ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}  "
+                 f"NLL {cal['nll_before']:.3f} -> {cal['nll_after']:.3f}" + (f"  ({cal['note']})" if "note" in cal else ""))
+    if "flagged_test" in unk:
+        line = f"unknown: {unk['flagged_test']:.1%} of test images flagged ({unk['score']} < {unk['threshold']:.3f})"
+        if "flagged_left_out" in unk:
+            line += f"; left-out classes: {unk['flagged_left_out']:.1%} flagged, AUROC {unk['auroc']:.3f}, FPR@95% {unk['fpr_at_95']:.1%}"
+        progress.say(line)
     worst = sorted(metrics["per_class"].items(), key=lambda kv: kv[1]["f1"])[:3]
     progress.say("weakest classes: " + ", ".join(f"{k} F1 {v['f1']:.2f}" for k, v in worst))
     if metrics["most_confused"]:
@@ -247,14 +264,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from imgcls import progress
     from imgcls.runs import predict_command
 
-    rows, skipped = predict_command(args.run, args.paths, args.out, topk=args.topk, device=args.device)
+    rows, skipped = predict_command(args.run, args.paths, args.out, topk=args.topk, device=args.device, unknown=args.unknown)
     if args.out is None:
         for r in rows:
-            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}")
+            print(f"{r['path']}\t{r['label']}\t{r['confidence']:.3f}" + ("\tunknown" if r.get("unknown") else ""))
     else:
         progress.say(f"{len(rows)} prediction(s) written to {args.out}")
     for s in skipped:
         progress.say(f"skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgcls import progress
+    from imgcls.deploy.export import export_run
+
+    path, parity = export_run(args.run, fmt=args.format, out=args.out, opset=args.opset)
+    progress.say(
+        f"{path}: top-1 agreement {parity['top1_agreement']:.2%} with the run on {parity['images']} {parity['split']} images, "
+        f"max |prob difference| {parity['max_abs_prob_diff']:.2e}  (details: {path.name}.parity.json)"
+    )
     return 0
 
 
@@ -293,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "export": cmd_export}
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     try:
         return handler(args)

@@ -78,6 +78,7 @@ class TrainConfig:
     select: str = "accuracy"  # the val score that picks the best checkpoint: accuracy | macro_f1 | balanced_accuracy
     tta: bool = False  # flip test-time augmentation in evaluation
     tensorboard: bool = True  # event files under RUN/tensorboard
+    keep: float = 0.95  # share of validation images the "unknown" threshold keeps (deploy/calibration.py)
     # speed
     recipe: str = "none"
     precision: str = "auto"
@@ -117,6 +118,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ImgclsError(f"config: {name} must be in [0, 1), got {v}")
+        if not 0.0 < self.keep <= 1.0:
+            raise ImgclsError(f"config: keep must be in (0, 1], got {self.keep}")
         if self.lr <= 0:
             raise ImgclsError(f"config: lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema < 1.0:

@@ -11,6 +11,7 @@ import torch
 from imgcls import locks, progress
 from imgcls.config import TrainConfig
 from imgcls.data import Split, prepare_eval
+from imgcls.deploy import calibration as calib
 from imgcls.engine.evaluate import (
     classification_metrics,
     inference_model,
@@ -39,25 +40,34 @@ def evaluate_split(run: LoadedRun, split: Split, out_dir: Path, *, excluded: Spl
     if len(split) == 0:
         raise ImgclsError("nothing to evaluate: the split holds no usable image of a known class")
     out_dir.mkdir(parents=True, exist_ok=True)
-    logits = _logits(run, split.images, tta=tta, what=f"{len(split)} images")
+    raw = _logits(run, split.images, tta=tta, what=f"{len(split)} images")
+    cal = run.calibration
+    logits = raw / cal.temperature  # every figure below is of the calibrated probabilities
     metrics = classification_metrics(logits, split.labels, run.classes)
     metrics["most_confused"] = most_confused(metrics["confusion_matrix"], run.classes)
     metrics["intervals"] = intervals.classification_intervals(metrics["confusion_matrix"], run.classes)
     metrics["reliability"] = reliability_bins(logits, split.labels)
+    metrics["reliability_before"] = reliability_bins(raw, split.labels)
+    metrics["calibration"] = calib.calibration_report(cal, raw, split.labels)
     metrics["tta"] = tta
-    ex_logits = None
+    ex_logits = ex_raw = None
     if excluded is not None and len(excluded):
-        ex_logits = _logits(run, excluded.images, tta=tta, what="left-out classes")
+        ex_raw = _logits(run, excluded.images, tta=tta, what="left-out classes")
+        ex_logits = ex_raw / cal.temperature
         metrics["excluded"] = open_set_analysis(
             logits, ex_logits, excluded.labels, classes=run.classes, excluded_classes=run.excluded_classes
         )
+    metrics["unknown"] = calib.unknown_report(cal, raw, ex_raw)
     write_json(out_dir / "metrics.json", metrics)
     _write_predictions(out_dir / "predictions.csv", split, logits, run.classes, true_names=run.classes)
     if ex_logits is not None:
         _write_predictions(out_dir / "predictions_excluded.csv", excluded, ex_logits, run.classes, true_names=run.excluded_classes)
     plots.confusion_matrix(metrics["confusion_matrix"], run.classes, out_dir / "confusion_matrix.png", normalize=False)
     plots.confusion_matrix(metrics["confusion_matrix"], run.classes, out_dir / "confusion_matrix_normalized.png", normalize=True)
-    plots.reliability_diagram(metrics["reliability"], metrics["ece"], out_dir / "reliability.png")
+    plots.reliability_diagram(
+        metrics["reliability"], metrics["ece"], out_dir / "reliability.png",
+        before=metrics["reliability_before"], ece_before=metrics["calibration"]["ece_before"],
+    )
     _misclassified_grid(split, logits, run.classes, out_dir / "misclassified.png")
     return metrics
 
@@ -132,14 +142,17 @@ def _train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool) -> dic
     }
     write_json(run_dir / "summary.json", summary)  # the numbers first: a plot that fails loses nothing
     plots.training_curves(result.history, run_dir / "curves.png", title=run_dir.name)
+    loaded = load_run(run_dir, device=cfg.device)
+    loaded.calibration = _calibrate(loaded, data.val)
     if data.test is not None:
-        loaded = load_run(run_dir, device=cfg.device)
         metrics = evaluate_split(loaded, data.test, run_dir / "eval", excluded=data.excluded_test, tta=cfg.tta)
         summary["test_accuracy"] = metrics["accuracy"]
         summary["test_macro_f1"] = metrics["macro_f1"]
         summary["test_accuracy_ci"] = metrics["intervals"]["accuracy"]
         summary["test_macro_f1_ci"] = metrics["intervals"]["macro_f1"]
         summary["test_ece"] = metrics["ece"]
+        summary["test_ece_before_calibration"] = metrics["calibration"]["ece_before"]
+        summary["temperature"] = metrics["calibration"]["temperature"]
         if "excluded" in metrics:
             summary["excluded_auroc"] = metrics["excluded"]["auroc_max_softmax"]
     summary["wall_s"] = time.perf_counter() - t0
@@ -148,6 +161,14 @@ def _train_and_evaluate(cfg: TrainConfig, *, run_dir: Path, resume: bool) -> dic
 
     write_report(run_dir)
     return summary
+
+
+def _calibrate(run: LoadedRun, val: Split) -> calib.Calibration:
+    """Temperature and "unknown" thresholds fitted on the validation split, written to RUN/calibration.json."""
+    raw = _logits(run, val.images, tta=run.config.tta, what="validation (calibration)") if len(val) else torch.empty(0, 0)
+    cal = calib.fit(raw, val.labels, keep=run.config.keep)
+    calib.save(run.run_dir, cal)
+    return cal
 
 
 def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Path | None, *, tta: bool | None = None, device: str = "auto") -> dict:
@@ -179,23 +200,29 @@ def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Pa
     return evaluate_split(loaded, split, out, excluded=excluded, tta=loaded.config.tta if tta is None else tta)
 
 
+def _rows(classes: list[str], probs: torch.Tensor, score: torch.Tensor, paths: list, *, topk: int, threshold: float | None) -> list[dict]:
+    """Top-k rows (``path``, ``label``, ``confidence``, ``topk``; ``unknown`` and ``score`` when there is a threshold)."""
+    top = probs.topk(min(topk, len(classes)), dim=1)
+    rows = []
+    for p, vals, idx, s in zip(paths, top.values.tolist(), top.indices.tolist(), score.tolist()):
+        row = {"path": p, "label": classes[idx[0]], "confidence": vals[0],
+               "topk": [{"label": classes[i], "prob": v} for i, v in zip(idx, vals)]}
+        if threshold is not None:
+            row.update(unknown=bool(s < threshold), score=s)
+        rows.append(row)
+    return rows
+
+
 def predict_images(loaded: LoadedRun, images: torch.Tensor, paths: list, *, topk: int, model: torch.nn.Module | None = None) -> list[dict]:
-    """Top-k rows (``path``, ``label``, ``confidence``, ``topk``) for ``N x S x S x 3`` uint8 images at the
-    run's size; ``model`` is the run's model or an inference copy of it (``inference_model``)."""
-    logits = predict_logits(
+    """Top-k rows of calibrated probabilities for ``N x S x S x 3`` uint8 images at the run's size, with
+    ``unknown``/``score`` when the run has a threshold; ``model`` is the run's model or an inference copy of it."""
+    raw = predict_logits(
         model or loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device,
         precision=loaded.precision, tta=loaded.config.tta,
     )
-    top = logits.softmax(1).topk(min(topk, len(loaded.classes)), dim=1)
-    return [
-        {
-            "path": p,
-            "label": loaded.classes[idx[0]],
-            "confidence": vals[0],
-            "topk": [{"label": loaded.classes[i], "prob": v} for i, v in zip(idx, vals)],
-        }
-        for p, vals, idx in zip(paths, top.values.tolist(), top.indices.tolist())
-    ]
+    cal = loaded.calibration
+    score, _unknown = cal.flag(raw)
+    return _rows(loaded.classes, (raw / cal.temperature).softmax(1), score, paths, topk=topk, threshold=cal.threshold)
 
 
 def _check_predict_out(out: Path, inputs: list[str]) -> None:
@@ -209,29 +236,62 @@ def _check_predict_out(out: Path, inputs: list[str]) -> None:
             raise ImgclsError(f"predict --out {out} is inside the input folder {folder}; write it elsewhere")
 
 
-def predict_command(run_dir: str | Path, inputs: list[str | Path], out: str | Path | None, *, topk: int = 5, device: str = "auto") -> tuple[list[dict], list[dict]]:
-    """``imgcls predict``: top-k labels per image, to CSV or JSON (by the output's extension)."""
+def _predictor(run_dir: Path, device: str):
+    """(rows for images and paths, classes, img_size, resize, calibration) of a run folder or, by its suffix,
+    of an exported ONNX file run by onnxruntime."""
+    if run_dir.suffix.lower() == ".onnx" and not run_dir.is_dir():
+        from imgcls.deploy.predictor import OnnxClassifier
+
+        onnx = OnnxClassifier(run_dir)
+        cal = onnx.calibration
+
+        def onnx_rows(images, paths, k):
+            return _rows(onnx.classes, *onnx.classify(images), paths, topk=k, threshold=cal.threshold)
+
+        return onnx_rows, onnx.classes, onnx.img_size, onnx.resize, cal
+    loaded = load_run(run_dir, device=device)
+    state = {}
+
+    def run_rows(images, paths, k):
+        if "model" not in state:  # folded once, on the first chunk (predict_logits would fold a copy per call)
+            state["model"] = inference_model(loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device)
+        return predict_images(loaded, images, paths, topk=k, model=state["model"])
+
+    return run_rows, loaded.classes, loaded.img_size, loaded.config.resize, loaded.calibration
+
+
+def predict_command(
+    run_dir: str | Path, inputs: list[str | Path], out: str | Path | None, *, topk: int = 5, device: str = "auto",
+    unknown: bool = True,
+) -> tuple[list[dict], list[dict]]:
+    """``imgcls predict``: top-k labels per image (calibrated probabilities), to CSV or JSON (by the output's
+    extension); RUN may be a run folder or a ``.onnx`` file from ``imgcls export`` (run by onnxruntime).
+    With ``unknown``, each row also gets the rejection ``score`` and ``unknown`` (score under the run's threshold)."""
     inputs, out = [str(i) for i in inputs], out and Path(out)
     if out is not None:
         _check_predict_out(out, inputs)
-    loaded = load_run(run_dir, device=device)
+    predict_rows, classes, img_size, resize, cal = _predictor(Path(run_dir), device)
+    if unknown and cal.threshold is None:
+        progress.say(f"no 'unknown' column: {cal.note or 'the run has no rejection threshold'}")
+        unknown = False
     paths = expand_paths(inputs)
     if not paths:
         raise ImgclsError("no image files found in the given paths")
-    k = min(topk, len(loaded.classes))
+    k = min(topk, len(classes))
     rows: list[dict] = []
     skipped: list[dict] = []
     chunk = 256  # bounded memory for large folders
-    model = None  # folded once, on the first chunk with images (predict_logits would fold a copy per call)
     with progress.task("predicting", len(paths)) as bar:
         for start in range(0, len(paths), chunk):
-            images, ok, bad = load_images(paths[start : start + chunk], loaded.img_size, loaded.config.resize)
+            images, ok, bad = load_images(paths[start : start + chunk], img_size, resize)
             skipped.extend(bad)
             if len(ok):
-                if model is None:
-                    model = inference_model(loaded.model, images, mean=loaded.mean, std=loaded.std, device=loaded.device)
-                rows.extend(predict_images(loaded, images, [str(p) for p in ok], topk=k, model=model))
+                rows.extend(predict_rows(images, [str(p) for p in ok], k))
             bar.advance(len(paths[start : start + chunk]))
+    if not unknown:
+        for r in rows:
+            r.pop("unknown", None)
+            r.pop("score", None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".json":
@@ -240,12 +300,15 @@ def predict_command(run_dir: str | Path, inputs: list[str | Path], out: str | Pa
             header = ["path"]
             for i in range(1, k + 1):
                 header += [f"label_{i}", f"prob_{i}"]
+            extra = ["unknown", "score"] if unknown else []
             lines = []
             for r in rows:
                 line = [r["path"]]
                 for t in r["topk"]:
                     line += [t["label"], f"{t['prob']:.5f}"]
+                if unknown:
+                    line += ["true" if r["unknown"] else "false", f"{r['score']:.5f}"]
                 lines.append(line + [""])
-            lines += [[s["path"]] + [""] * (2 * k) + [s["reason"]] for s in skipped]
-            write_csv(out, header + ["error"], lines)
+            lines += [[s["path"]] + [""] * (2 * k + len(extra)) + [s["reason"]] for s in skipped]
+            write_csv(out, header + extra + ["error"], lines)
     return rows, skipped

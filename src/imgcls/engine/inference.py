@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from torch import nn
 from imgcls import config as config_mod
 from imgcls.config import TrainConfig
 from imgcls.data.images import BadImage, decode_square, is_image_name, is_unsupported_image_name
+from imgcls.deploy import calibration as calib
 from imgcls.engine import checkpoint as ckpt
 from imgcls.engine import runtime as rt_mod
 from imgcls.errors import ImgclsError
@@ -32,6 +33,7 @@ class LoadedRun:
     std: tuple[float, ...]
     device: torch.device
     precision: str
+    calibration: calib.Calibration = field(default_factory=lambda: calib.UNCALIBRATED)  # RUN/calibration.json
 
 
 def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> LoadedRun:
@@ -72,6 +74,7 @@ def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> L
         std=tuple(meta["std"]),
         device=rt.device,
         precision=precision,
+        calibration=calib.read(run_dir),
     )
 
 

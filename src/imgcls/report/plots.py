@@ -108,13 +108,19 @@ def image_grid(images: list[np.ndarray], titles: list[str], path: Path, *, cols:
     return save_figure(fig, path)
 
 
-def reliability_diagram(bins: list[dict], ece: float, path: Path) -> Path:
+def reliability_diagram(bins: list[dict], ece: float, path: Path, *, before: list[dict] | None = None,
+                        ece_before: float | None = None) -> Path:
+    """Accuracy per confidence bin; ``before`` adds the uncalibrated probabilities' curve beside the calibrated."""
     fig, ax = subplots(figsize=(4.2, 4))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     if bins:
         centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
         ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="k", label="accuracy")
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C3", label="mean confidence")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color="C3",
+                label="calibrated" if before is not None else "mean confidence")
+    if before:
+        ax.plot([b["confidence"] for b in before], [b["accuracy"] for b in before], "s--", color="C1", alpha=0.8,
+                label=f"before temperature scaling (ECE {ece_before:.3f})" if ece_before is not None else "before")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")

@@ -132,12 +132,28 @@ def summary_rows(study: Study, by_arm: dict[str, list[RunResult]]) -> list[dict]
         aurocs = [a for a in aurocs if a is not None and not math.isnan(a)]
         row["left_out"] = ",".join(study.config(arm, study.seeds[0]).exclude_classes)
         row["auroc_left_out"] = float(np.mean(aurocs)) if aurocs else math.nan
+        row.update(_unknown_means(runs))
         rows.append(row)
     adjusted = stats.holm([r["p_value"] for r in rows])
     for r, p in zip(rows, adjusted):
         r["p_holm"] = p
         r["significant"] = bool(r["p_value"] < ALPHA) if not math.isnan(r["p_value"]) else ""
     return rows
+
+
+UNKNOWN_KEYS = {"flagged_test": "flagged_kept", "flagged_left_out": "flagged_left_out", "auroc": "auroc_unknown", "fpr_at_95": "fpr95_unknown"}
+
+
+def _unknown_means(runs: list[RunResult]) -> dict[str, float]:
+    """The "unknown" figures of eval/metrics.json (deploy.calibration.unknown_report), averaged over seeds:
+    the share of kept-class test images flagged, the share of left-out images flagged, AUROC and FPR@95 % of
+    the rejection score; NaN where the runs have none (trained before calibration, or no left-out classes)."""
+    out = {}
+    for key, col in UNKNOWN_KEYS.items():
+        vals = [(r.metrics.get("unknown") or {}).get(key) for r in runs]
+        vals = [float(v) for v in vals if v is not None and not math.isnan(float(v))]
+        out[col] = float(np.mean(vals)) if vals else math.nan
+    return out
 
 
 def result_rows(by_arm: dict[str, list[RunResult]]) -> list[dict]:

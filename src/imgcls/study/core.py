@@ -78,7 +78,7 @@ def aggregate(study: Study, out: Path, *, skip: set[tuple[str, int]] = frozenset
         agg.write_csv(out / "results.csv", agg.result_rows(by_arm)),
         agg.write_csv(out / "summary.csv", summary, [
             "arm", "n", "mean", "std", "ci_low", "ci_high", "delta", "p_value", "p_holm", "significant", "test",
-            "baseline_mean", "compared_on", "left_out", "auroc_left_out",
+            "baseline_mean", "compared_on", "left_out", "auroc_left_out", *agg.UNKNOWN_KEYS.values(),
         ]),
         agg.write_csv(out / "per_class_delta.csv", per_class, ["arm", "class", "arm_acc", "baseline_acc", "delta", "note"]),
         agg.write_csv(out / "confusion_delta.csv", confusion, ["arm", "true", "predicted", "arm_rate", "baseline_rate", "delta"]),

@@ -127,6 +127,10 @@ def render(
         auroc = {r["arm"]: r["auroc_left_out"] for r in summary}
         for a in dict.fromkeys(r["arm"] for r in left_out):
             lines.append(f"- **{a}** (AUROC of max-softmax, known vs left-out: {auroc.get(a, math.nan):.3f}; 0.5 = no better than chance)")
+            row = next((r for r in summary if r["arm"] == a), {})
+            if not math.isnan(row.get("flagged_left_out", math.nan)):
+                lines.append(f"  - flagged unknown: {_pct(row['flagged_left_out'], 1)}% of left-out vs {_pct(row['flagged_kept'], 1)}% of "
+                             f"kept-class test images (calibrated score: AUROC {row['auroc_unknown']:.3f}, FPR@95% {_pct(row['fpr95_unknown'], 1)}%)")
             for name in dict.fromkeys(r["left_out_class"] for r in left_out if r["arm"] == a):
                 dist = [r for r in left_out if r["arm"] == a and r["left_out_class"] == name and r["fraction"] > 0]
                 conf = dist[0]["mean_max_softmax"] if dist else math.nan
