@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help=HELP["device"])
 
     pr = sub.add_parser("predict", help="top-k labels for images, folders or globs")
-    pr.add_argument("run", type=Path)
+    pr.add_argument("run", type=Path, help="a run folder, or an ONNX file made by imgcls export")
     pr.add_argument("paths", nargs="+")
     pr.add_argument("--out", type=Path, default=None, help="a .csv or .json file (default: print)")
     pr.add_argument("--topk", type=int, default=5)
@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add the columns unknown and score (the run's rejection threshold); --no-unknown leaves them out")
 
     x = sub.add_parser("export", help="export a run's best checkpoint to ONNX or TorchScript, checked against the run")
-    x.add_argument("run", type=Path)
-    x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    x.add_argument("run", type=Path, help="a run folder (its best checkpoint is exported)")
+    x.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="onnx (default) or torchscript")
     x.add_argument("--out", type=Path, default=None, help="the file to write (default RUN/model.onnx or RUN/model.pt)")
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
 
