@@ -70,15 +70,16 @@ def classification_intervals(cm, classes: Sequence[str], *, resamples: int = RES
                              seed: int = SEED) -> dict:
     """95 % percentile bootstrap intervals over the test images, for eval's metrics.json."""
     boot = metrics_from_confusion(resample_confusion(cm, resamples=resamples, seed=seed))
+    # [lo, hi] lists, so the dict equals what metrics.json reads back (the Python API returns it)
     return {
         "method": "percentile bootstrap over the test images",
         "level": level,
         "resamples": resamples,
         "seed": seed,
-        "accuracy": percentile(boot["accuracy"], level),
-        "macro_f1": percentile(boot["macro_f1"], level),
-        "balanced_accuracy": percentile(boot["balanced_accuracy"], level),
-        "per_class_f1": dict(zip(classes, percentile(boot["per_class_f1"], level))),
+        "accuracy": list(percentile(boot["accuracy"], level)),
+        "macro_f1": list(percentile(boot["macro_f1"], level)),
+        "balanced_accuracy": list(percentile(boot["balanced_accuracy"], level)),
+        "per_class_f1": {c: list(p) for c, p in zip(classes, percentile(boot["per_class_f1"], level))},
     }
 
 
