@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="top-k labels for images, folders or globs")
     pr.add_argument("run", type=Path, help="a run folder, or an ONNX file made by imgcls export")
-    pr.add_argument("paths", nargs="+")
+    pr.add_argument("paths", nargs="+", help="images, folders (recursive) or quoted globs")
     pr.add_argument("--out", type=Path, default=None, help="a .csv or .json file (default: print)")
-    pr.add_argument("--topk", type=int, default=5)
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--topk", type=int, default=5, help="labels per image in the file (printing shows the first)")
+    pr.add_argument("--device", default="auto", help=HELP["device"])
     pr.add_argument("--unknown", action=argparse.BooleanOptionalAction, default=True,
                     help="add the columns unknown and score (the run's rejection threshold); --no-unknown leaves them out")
 
