@@ -17,7 +17,7 @@ import numpy as np
 from imgcls import progress
 from imgcls.data import Split, prepare_eval
 from imgcls.engine.evaluate import predict_logits
-from imgcls.engine.inference import LoadedRun, load_run
+from imgcls.engine.inference import LoadedRun, load_run, own_test_split
 from imgcls.errors import ImgclsError
 from imgcls.io import write_json
 from imgcls.report import intervals, plots
@@ -73,16 +73,10 @@ def _own_split_differs(a: LoadedRun, b: LoadedRun) -> list[str]:
 def _test_images(run: LoadedRun, data: str | None, other: LoadedRun) -> tuple[Split, list[str]]:
     """The run's test images and their class names: its own test split (data None) or DATA's."""
     if data is None:
-        from imgcls.data import prepare
-
-        prepared = prepare(run.config)
-        if prepared.classes != run.classes:
-            raise ImgclsError(f"the data at {run.config.data} now gives classes {prepared.classes}, run {run.run_dir} knows {run.classes}")
-        if prepared.test is None:
-            raise ImgclsError(f"{run.config.data} has no test split; pass DATA to compare on")
-        return prepared.test, run.classes
+        return own_test_split(run).test, run.classes
     unknown = [c for c in [*run.excluded_classes, *other.classes, *other.excluded_classes] if c not in run.classes]
-    split, _extra, _report = prepare_eval(data, classes=run.classes, img_size=run.img_size, allow_unknown=list(dict.fromkeys(unknown)))
+    split, _extra, _report = prepare_eval(data, classes=run.classes, img_size=run.img_size, allow_unknown=list(dict.fromkeys(unknown)),
+                                          resize=run.config.resize)
     return split, run.classes
 
 

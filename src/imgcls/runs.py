@@ -20,7 +20,7 @@ from imgcls.engine.evaluate import (
     predict_logits,
     reliability_bins,
 )
-from imgcls.engine.inference import LoadedRun, expand_paths, input_folders, load_images, load_run
+from imgcls.engine.inference import LoadedRun, expand_paths, input_folders, load_images, load_run, own_test_split
 from imgcls.engine.train import train
 from imgcls.errors import ImgclsError
 from imgcls.io import write_csv, write_json
@@ -177,14 +177,7 @@ def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Pa
     loaded = load_run(run_dir, device=device)
     source = data or loaded.config.data
     if data is None:
-        # the run's own split: the same data, fractions and seed reproduce the same test rows
-        from imgcls.data import prepare
-
-        prepared = prepare(loaded.config)
-        if prepared.classes != loaded.classes:
-            raise ImgclsError(f"the data at {source} now gives classes {prepared.classes}, the run knows {loaded.classes}")
-        if prepared.test is None:
-            raise ImgclsError(f"{source} has no test split; pass DATA to evaluate")
+        prepared = own_test_split(loaded)
         split, excluded = prepared.test, prepared.excluded_test
     else:
         split, excluded, report = prepare_eval(

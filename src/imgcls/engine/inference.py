@@ -78,6 +78,18 @@ def load_run(run: str | Path, *, device: str = "auto", which: str = "best") -> L
     )
 
 
+def own_test_split(run: LoadedRun):
+    """The run's own data prepared again: the same data, fractions and split seed give the same test rows."""
+    from imgcls.data import prepare
+
+    prepared = prepare(run.config)
+    if prepared.classes != run.classes:
+        raise ImgclsError(f"the data at {run.config.data} now gives classes {prepared.classes}, run {run.run_dir} knows {run.classes}")
+    if prepared.test is None:
+        raise ImgclsError(f"{run.config.data} has no test split; pass DATA")
+    return prepared
+
+
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 

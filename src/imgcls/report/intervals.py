@@ -104,21 +104,20 @@ def paired_difference(a_correct, b_correct, *, resamples: int = RESAMPLES, level
     return float((b.sum() - a.sum()) / n), percentile(diff, level)
 
 
-def fmt_pct(value: float, ci=None, digits: int = 1) -> str:
-    """``93.1 % [91.8, 94.3]``: a fraction as a percentage with its interval, when there is one."""
+def _fmt(value, ci, digits: int, scale: float, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    s = f"{100 * value:.{digits}f} %"
+    s = f"{scale * value:.{digits}f}{unit}"
     if ci is not None and not any(v is None or math.isnan(v) for v in ci):
-        s += f" [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]"
+        s += f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
     return s
+
+
+def fmt_pct(value: float, ci=None, digits: int = 1) -> str:
+    """``93.1 % [91.8, 94.3]``: a fraction as a percentage with its interval, when there is one."""
+    return _fmt(value, ci, digits, 100, " %")
 
 
 def fmt_num(value: float, ci=None, digits: int = 3) -> str:
     """``0.912 [0.897, 0.925]``: a score in [0, 1] with its interval, when there is one."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    s = f"{value:.{digits}f}"
-    if ci is not None and not any(v is None or math.isnan(v) for v in ci):
-        s += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-    return s
+    return _fmt(value, ci, digits, 1, "")
