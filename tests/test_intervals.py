@@ -87,3 +87,13 @@ def test_paired_difference_interval():
     assert lo < d < hi and lo > 0  # a clear gain: the interval excludes 0
     assert intervals.paired_difference(a, a) == (0.0, (0.0, 0.0))
     assert intervals.fmt_pct(0.931, (0.918, 0.943)) == "93.1 % [91.8, 94.3]"
+
+
+def test_bootstrap_without_dense_matrices_equals_the_dense_draws():
+    # the sparse path eval uses must give exactly what resampling whole confusion matrices gives
+    rng = np.random.default_rng(1)
+    cm = rng.integers(0, 20, size=(5, 7))
+    cm[rng.random(cm.shape) < 0.5] = 0
+    dense = intervals.metrics_from_confusion(intervals.resample_confusion(cm, resamples=300, seed=3))
+    sparse = intervals.bootstrap_metrics(cm, resamples=300, seed=3)
+    assert all(np.allclose(dense[k], sparse[k]) for k in dense)

@@ -59,6 +59,7 @@ def sigterm_after_step(monkeypatch, n: int) -> None:
 
 def test_resume_after_sigterm_matches_uninterrupted_run_bit_for_bit(split_root, tmp_path, monkeypatch):
     cfg = _cfg(split_root, tensorboard=True)
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what an earlier test's library left (Ray's)
     train(cfg, run_dir=tmp_path / "straight")
     sigterm_after_step(monkeypatch, 8)  # 6 steps per epoch here: inside epoch 2
     with pytest.raises(Interrupted, match="SIGTERM in epoch 2 at step 2"):
@@ -66,7 +67,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run_bit_for_bit(split_root, 
     monkeypatch.undo()
     _, meta = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.safetensors")
     assert meta["position"]["epoch"] == 1 and meta["position"]["step_in_epoch"] == 2
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone again
+    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone again
     train(cfg, run_dir=tmp_path / "resumed", resume=True)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
