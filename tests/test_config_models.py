@@ -10,7 +10,7 @@ from imgcls import config as config_mod
 from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
 from imgcls.models import build_model, load_weights
-from imgcls.models.factory import lite0_imagenet
+from imgcls.models.factory import PACKAGED_WEIGHTS, packaged_imagenet
 
 
 def test_round_trip(tmp_path):
@@ -61,8 +61,9 @@ def test_weights_file_loads_matching_tensors(tmp_path):
         load_weights(build_model("efficientnet_lite0", num_classes=2), tmp_path / "w.safetensors")
 
 
-def test_lite0_package_weights_name_a_cat():
-    """The package's lukemelas-order tensors map in order onto timm's model: a real cat photo is a cat."""
+@pytest.mark.parametrize("name", sorted(PACKAGED_WEIGHTS))
+def test_package_weights_name_a_cat(name):
+    """Each package's lukemelas-order tensors map in order onto timm's model: a real cat photo is a cat."""
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
@@ -70,15 +71,16 @@ def test_lite0_package_weights_name_a_cat():
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    model = lite0_imagenet().eval()
+    model = packaged_imagenet(name).eval()
     with torch.inference_mode():
         top3 = model(((x - mean) / std)[None]).softmax(1).topk(3).indices[0].tolist()
     cats = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat", 283: "Persian", 287: "lynx"}
     assert top3[0] in cats and sum(i in cats for i in top3) >= 2, top3
 
 
-def test_pretrained_lite0_builds_without_network():
-    m = build_model("efficientnet_lite0", num_classes=6, pretrained=True)
-    ref = lite0_imagenet()
+@pytest.mark.parametrize("name", sorted(PACKAGED_WEIGHTS))
+def test_pretrained_lite_builds_without_network(name):
+    m = build_model(name, num_classes=6, pretrained=True)
+    ref = packaged_imagenet(name)
     assert torch.equal(m.conv_stem.weight, ref.conv_stem.weight)
     assert m.get_classifier().out_features == 6

@@ -22,7 +22,7 @@ HELP = {
     "max_img_size": "ceiling of the automatic input size (224; 160 under fast-finetune)",
     "exclude_classes": "comma-separated class names to leave out of training and evaluation",
     "model": "any timm model name (resnet18, resnet50, efficientnet_lite0, ...)",
-    "pretrained": "start from ImageNet weights (efficientnet_lite0: shipped in a package, no network needed)",
+    "pretrained": "start from ImageNet weights (efficientnet_lite0/1/2: shipped in packages, no network needed)",
     "weights": "a local weights file (.safetensors, or a tensors-only .pth)",
     "weights_partial": "use --weights even when they fill under 90 %% of the model's parameters (another architecture?)",
     "norm": "default, or none to remove every normalisation layer",

