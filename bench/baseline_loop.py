@@ -173,6 +173,7 @@ def train_to_target(b: Baseline, *, epochs: int, targets: tuple[float, ...] = ()
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DATA, help="a folder with train/ and test/ of class folders")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--pretrained", action="store_true")
     p.add_argument("--epochs", type=int, default=1)
@@ -180,7 +181,7 @@ def main() -> None:
     p.add_argument("--no-rotate", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
-    b = build(args.model, pretrained=args.pretrained, epochs=args.epochs, img_size=args.img_size, rotate=not args.no_rotate)
+    b = build(args.model, data=args.data, pretrained=args.pretrained, epochs=args.epochs, img_size=args.img_size, rotate=not args.no_rotate)
     out = train_to_target(b, epochs=args.epochs)
     print(json.dumps(out))
 
