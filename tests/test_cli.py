@@ -62,6 +62,37 @@ def test_eval_on_another_folder_maps_by_name(trained, tmp_path):
     assert r.returncode == 2 and "zebra" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_eval_applies_the_bad_file_limit_of_training(trained, tmp_path):
+    _, run, _ = trained
+    junky = write_class_folders(tmp_path / "junky", ["dog", "owl"], 3)  # 6 good files, then 3 junk: 33 % > 5 %
+    for i in range(3):
+        (junky / "dog" / f"junk{i}.jpg").write_bytes(b"junk")
+    r = run_cli("eval", str(run), str(junky), "--out", str(tmp_path / "ev-junky"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "3 of 9 files in the data cannot be used" in r.stderr
+    assert "--max-bad-fraction" in r.stderr and not (tmp_path / "ev-junky" / "metrics.json").exists()
+    # the flag raises the limit for one evaluation; the skipped files are still listed, one line each
+    r = run_cli("eval", str(run), str(junky), "--out", str(tmp_path / "ev-raised"), "--max-bad-fraction", "0.5",
+                env={"IMGCLS_QUIET": "0"})
+    assert r.returncode == 0, r.stderr
+    assert sum(f"junk{i}.jpg" in line and "skipped" in line for i in range(3) for line in r.stderr.splitlines()) == 3
+    r = run_cli("eval", str(run), str(junky), "--max-bad-fraction", "2")
+    assert r.returncode == 2 and "max_bad_fraction" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_with_one_junk_file_among_many_reports_the_skip(trained, tmp_path):
+    _, run, _ = trained
+    data = write_class_folders(tmp_path / "mostly-good", ["cat", "dog", "fox", "owl", "bee", "ant", "elk"], 3)
+    (data / "cat" / "broken.jpg").write_bytes(b"junk")  # 1 of 22 files: under the run's 5 %
+    out = tmp_path / "ev-one"
+    r = run_cli("eval", str(run), str(data), "--out", str(out), env={"IMGCLS_QUIET": "0"})
+    assert r.returncode == 0, r.stderr
+    assert any("skipped" in line and "broken.jpg" in line for line in r.stderr.splitlines())
+    assert json.loads((out / "metrics.json").read_text())["n"] == 21
+    report = json.loads((out / "data_report.json").read_text())
+    assert [s["path"].rsplit("/", 1)[-1] for s in report["skipped"]] == ["broken.jpg"]
+
+
 def test_predict_csv_and_json(trained, tmp_path):
     data, run, _ = trained
     (tmp_path / "imgs").mkdir()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import SHARED, class_image, make_split_root, tree_digest, write_class_folders
 from imgcls.config import TrainConfig
-from imgcls.data import prepare, prepare_eval
+from imgcls.data import prepare, prepare_eval, summarize_report
 from imgcls.data.sources import FASHION_MNIST_DIR, discover, stratified_split
 from imgcls.errors import ImgclsError
 
@@ -143,6 +143,25 @@ def test_too_many_bad_files_is_an_error(split_root):
         (split_root / "train" / "cat" / f"bad{i}.jpg").write_bytes(b"junk")
     with pytest.raises(ImgclsError, match="cannot be used"):
         prepare(TrainConfig(data=str(split_root)))
+
+
+def test_eval_data_has_the_bad_file_limit_of_training(tmp_path):
+    other = write_class_folders(tmp_path / "other", ["dog", "fox"], 3)
+    for i in range(2):
+        (other / "dog" / f"junk{i}.jpg").write_bytes(b"junk")  # 2 of 8 files
+    with pytest.raises(ImgclsError, match=r"2 of 8 files in the data cannot be used \(25% > max_bad_fraction 5%\)"):
+        prepare_eval(str(other), classes=["cat", "dog", "fox"], img_size=32)
+    split, _, report = prepare_eval(str(other), classes=["cat", "dog", "fox"], img_size=32, max_bad=0.3)
+    assert len(split) == 6 and sorted(s["path"].rsplit("/", 1)[-1] for s in report["skipped"]) == ["junk0.jpg", "junk1.jpg"]
+
+
+def test_identical_images_under_two_labels_are_reported(split_root):
+    same = (split_root / "train" / "cat" / "cat_0.png").read_bytes()
+    (split_root / "train" / "dog" / "also_a_dog.png").write_bytes(same)  # the same bytes, labelled cat and dog
+    d = prepare(TrainConfig(data=str(split_root)))
+    conflicts = d.report["conflicting_labels"]
+    assert len(conflicts) == 1 and {f["label"] for f in conflicts[0]["files"]} == {"cat", "dog"}
+    assert "  warning: 1 identical image(s) carry different labels" in summarize_report(d.report)
 
 
 def test_cache_is_reused_and_keyed_by_content(split_root, monkeypatch):

@@ -76,14 +76,15 @@ class Run:
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
 
     def evaluate(self, data: str | Path | None = None, *, out: str | Path | None = None, tta: bool | None = None,
-                 verbose: bool = False) -> dict:
+                 max_bad_fraction: float | None = None, verbose: bool = False) -> dict:
         """Metrics on the run's own test split, or on ``data`` (labels matched by class name), as
         ``imgcls eval`` computes them; files go to ``out`` (default ``<run>/eval``). Returns the
-        ``metrics.json`` content: ``accuracy``, ``macro_f1``, ``ece``, ``per_class``, ``confusion_matrix``..."""
+        ``metrics.json`` content: ``accuracy``, ``macro_f1``, ``ece``, ``per_class``, ``confusion_matrix``...
+        More than ``max_bad_fraction`` (default: the run's) unreadable files in ``data`` raises ImgclsError."""
         from imgcls.runs import eval_command
 
         with progress.quiet(not verbose):
-            return eval_command(self.path, data, out, tta=tta, device=self.device)
+            return eval_command(self.path, data, out, tta=tta, device=self.device, max_bad_fraction=max_bad_fraction)
 
     def predict(self, inputs, *, topk: int = 5, verbose: bool = False) -> list[dict]:
         """Top-``topk`` labels for each input: an image file, a folder or glob (every image in it), a PIL

@@ -40,7 +40,7 @@ HELP = {
     "split_seed": "seed of the train/val/test carving (kept fixed across training seeds)",
     "val_fraction": "share of the training images held out for validation when the data has no val/",
     "test_fraction": "share held out for testing when DATA is a plain folder of classes",
-    "max_bad_fraction": "largest share of unreadable files in a split before training stops with an error",
+    "max_bad_fraction": "largest share of unreadable files in a split before training or evaluation stops with an error",
     "dropout": "dropout before the classifier",
     "drop_path": "stochastic depth rate (models that support it)",
     "optimizer": "adam | adamw | sgd (Nesterov; plain SGD with --momentum 0)",
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=None, help="folder for metrics.json and plots (default RUN/eval)")
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation (default: as the run was trained)")
     e.add_argument("--device", default="auto", help=HELP["device"])
+    e.add_argument("--max-bad-fraction", default=None, metavar="MAX_BAD_FRACTION",
+                   help="largest share of unreadable files in the evaluated data before eval stops with an error (default: the run's)")
 
     pr = sub.add_parser("predict", help="top-k labels for images, folders or globs")
     pr.add_argument("run", type=Path, help="a run folder, or an ONNX file made by imgcls export")
@@ -234,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from imgcls import progress
     from imgcls.runs import eval_command
 
-    metrics = eval_command(args.run, args.data, args.out, tta=args.tta, device=args.device)
+    metrics = eval_command(args.run, args.data, args.out, tta=args.tta, device=args.device, max_bad_fraction=args.max_bad_fraction)
     out = args.out or args.run / "eval"
     from imgcls.report.intervals import fmt_num, fmt_pct
 

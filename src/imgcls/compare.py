@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls import progress
+from imgcls.config import with_value
 from imgcls.data import Split, prepare_eval
 from imgcls.engine.evaluate import predict_logits
 from imgcls.engine.inference import LoadedRun, load_run, own_test_split
@@ -76,7 +77,7 @@ def _test_images(run: LoadedRun, data: str | None, other: LoadedRun) -> tuple[Sp
         return own_test_split(run).test, run.classes
     unknown = [c for c in [*run.excluded_classes, *other.classes, *other.excluded_classes] if c not in run.classes]
     split, _extra, _report = prepare_eval(data, classes=run.classes, img_size=run.img_size, allow_unknown=list(dict.fromkeys(unknown)),
-                                          resize=run.config.resize)
+                                          resize=run.config.resize, max_bad=run.config.max_bad_fraction)
     return split, run.classes
 
 
@@ -95,10 +96,16 @@ def _confusion(true: list[int], pred: list[int], c: int) -> np.ndarray:
     return cm
 
 
-def compare_runs(run_a: Path, run_b: Path, data: str | None, out: Path, *, classes: str = "same", device: str = "auto") -> dict:
-    """Compare two runs on the same test images; writes ``compare.json``, grids and ``report.html`` to ``out``."""
+def compare_runs(run_a: Path, run_b: Path, data: str | None, out: Path, *, classes: str = "same", device: str = "auto",
+                 max_bad_fraction: float | str | None = None) -> dict:
+    """Compare two runs on the same test images; writes ``compare.json``, grids and ``report.html`` to ``out``.
+
+    More than ``max_bad_fraction`` (default: each run's own) unreadable files in DATA is an error, as in training."""
     run_a, run_b = Path(run_a), Path(run_b)
     la, lb = load_run(run_a, device=device), load_run(run_b, device=device)
+    if max_bad_fraction is not None:
+        for run in (la, lb):
+            run.config = with_value(run.config, "max_bad_fraction", max_bad_fraction)
     shared = _shared_classes(la, lb, classes)
     if data is None:
         differs = _own_split_differs(la, lb)

@@ -245,6 +245,12 @@ def from_dict(d: dict[str, Any], *, where: str = "config") -> TrainConfig:
     return TrainConfig(**coerce_dict(d, where=where))
 
 
+def with_value(cfg: TrainConfig, key: str, value: Any) -> TrainConfig:
+    """``cfg`` with one key set from a flag's text or a number, checked as a config file's value is
+    (``imgcls eval --max-bad-fraction`` over the run's stored value)."""
+    return dataclasses.replace(cfg, **coerce_dict({key: value}, where=f"--{key.replace('_', '-')}"))
+
+
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["exclude_classes"] = list(cfg.exclude_classes)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from imgcls import locks, progress
-from imgcls.config import TrainConfig
+from imgcls.config import TrainConfig, with_value
 from imgcls.data import Split, prepare_eval
 from imgcls.deploy import calibration as calib
 from imgcls.engine.evaluate import (
@@ -171,10 +171,15 @@ def _calibrate(run: LoadedRun, val: Split) -> calib.Calibration:
     return cal
 
 
-def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Path | None, *, tta: bool | None = None, device: str = "auto") -> dict:
-    """``imgcls eval``: by default the run's own test split; DATA maps labels onto the run's classes by name."""
+def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Path | None, *, tta: bool | None = None,
+                 device: str = "auto", max_bad_fraction: float | str | None = None) -> dict:
+    """``imgcls eval``: by default the run's own test split; DATA maps labels onto the run's classes by name.
+
+    More than ``max_bad_fraction`` (default: the run's own) unreadable files in DATA is an error, as in training."""
     run_dir, out_dir, data = Path(run_dir), out_dir and Path(out_dir), data and str(data)
     loaded = load_run(run_dir, device=device)
+    if max_bad_fraction is not None:
+        loaded.config = with_value(loaded.config, "max_bad_fraction", max_bad_fraction)
     source = data or loaded.config.data
     if data is None:
         prepared = own_test_split(loaded)
@@ -182,7 +187,7 @@ def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Pa
     else:
         split, excluded, report = prepare_eval(
             source, classes=loaded.classes, img_size=loaded.img_size, allow_unknown=loaded.excluded_classes,
-            resize=loaded.config.resize,
+            resize=loaded.config.resize, max_bad=loaded.config.max_bad_fraction,
         )
     out = out_dir or (run_dir / "eval")
     if data is not None:

@@ -60,8 +60,9 @@ def _decode_all(disc: Discovery, size: int, max_bad: float, resize: str = "squas
         bad = len(dec.skipped)
         if len(pool) and bad / len(pool) > max_bad:
             examples = "; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in dec.skipped[:3])
+            where = "in the data" if name == "all" else f"in the {name} split"
             raise ImgclsError(
-                f"{bad} of {len(pool)} files in the {name} split cannot be used ({bad / len(pool):.0%} > "
+                f"{bad} of {len(pool)} files {where} cannot be used ({bad / len(pool):.0%} > "
                 f"max_bad_fraction {max_bad:.0%}), e.g. {examples}. Fix the files or raise --max-bad-fraction."
             )
         out[name] = dec
@@ -163,12 +164,15 @@ def prepare(cfg: TrainConfig) -> PreparedData:
 
 
 def prepare_eval(
-    data: str, *, classes: list[str], img_size: int, allow_unknown: list[str] = (), resize: str = "squash"
+    data: str, *, classes: list[str], img_size: int, allow_unknown: list[str] = (), resize: str = "squash",
+    max_bad: float = TrainConfig.max_bad_fraction,
 ) -> tuple[Split, Split | None, dict]:
     """Evaluation data mapped onto a model's class map by name.
 
     A split root is evaluated on its test split; a folder of classes (or a CSV) whole. Images of classes in
     ``allow_unknown`` (a run's left-out classes) are returned apart; any other unknown class is an error.
+    More than ``max_bad`` unreadable files is the same error as in training: a score on the few images that
+    could be read would pass for a score on the data.
     """
     disc = discover(data)
     if "test" in disc.pools:
@@ -178,7 +182,7 @@ def prepare_eval(
     else:
         raise ImgclsError(f"{data} has no test split to evaluate (expected test/ or a plain folder of classes)")
     disc = Discovery(disc.kind, disc.root, pools_used, disc.ignored_by_extension, skipped=disc.skipped)
-    pools = _decode_all(disc, img_size, max_bad=1.0, resize=resize)
+    pools = _decode_all(disc, img_size, max_bad, resize=resize)
     name, dec = next(iter(pools.items()))
     index = {c: i for i, c in enumerate(classes)}
     unseen = sorted({n for n in dec.labels if n not in index and n not in allow_unknown})

@@ -19,6 +19,8 @@ def add_parsers(sub) -> None:
     c.add_argument("--classes", default="same", choices=("same", "shared"),
                    help="same: the runs must know the same classes (default); shared: compare on the classes both know")
     c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    c.add_argument("--max-bad-fraction", default=None, metavar="MAX_BAD_FRACTION",
+                   help="largest share of unreadable files in DATA before compare stops with an error (default: each run's)")
     c.set_defaults(handler=cmd_compare)
 
     r = sub.add_parser("report", help="one self-contained HTML page for a run, a study or a comparison folder")
@@ -32,7 +34,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from imgcls.compare import compare_runs
 
     out = args.out or Path("runs") / f"compare-{args.run_a.name}-vs-{args.run_b.name}"
-    doc = compare_runs(args.run_a, args.run_b, args.data, out, classes=args.classes, device=args.device)
+    doc = compare_runs(args.run_a, args.run_b, args.data, out, classes=args.classes, device=args.device,
+                       max_bad_fraction=args.max_bad_fraction)
     print(doc["sentence"])
     grids = [name for name in doc["grids"].values() if name]  # a grid with no image is not written
     progress.say(f"files: {out}/compare.json, report.html" + "".join(f", {g}" for g in grids))
