@@ -2,8 +2,9 @@
 
 Launched under ``torchrun``, the same entry point runs one process per device: ``WORLD_SIZE``/``RANK``/
 ``LOCAL_RANK`` come from the environment, the process group uses NCCL on GPUs and gloo on CPUs, and only
-rank 0 writes files. torch.distributed has no authentication: keep the rendezvous on loopback or a
-private interface (torchrun's ``--rdzv-endpoint``/``--master-addr``).
+rank 0 writes files. torch.distributed has no authentication, and ``--master-addr`` does not limit who can
+connect: rank 0's rendezvous store listens on every interface, and gloo and NCCL open more ports. Run it only
+where no one else can reach those ports (README, "Several devices").
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def choose_precision(
     else fp16 (the trainer then scales the loss with a GradScaler); ``capability`` defaults to the device's.
     ``torch.cuda.is_bf16_supported()`` is not the test: it also says yes where bf16 is emulated (V100, T4),
     which is slower than fp16 there. On CPU bf16 where the CPU has native bf16, the model has no depthwise
-    convolutions and images are not tiny. Measured on the 2-core AMX CPU (bench/, PERFORMANCE.md):
+    convolutions and images are at least 48 px. Measured on a 2-core AMX CPU (bench/, README "Speed"):
     ResNet-50@150 bf16 is 2.3x fp32 with channels_last and ResNet-18@56 1.65x, while EfficientNet-Lite0's
     depthwise backward is slower in bf16 (38 img/s) than fp32 (47 img/s) and ResNet-18@28 is faster in fp32
     (718 vs 647 img/s): at 28 px per-op overhead, not matmul speed, decides."""
@@ -159,10 +160,11 @@ def choose_precision(
 
 
 def inference_precision(requested: str, train_precision: str, device: torch.device) -> str:
-    """Precision for forward-only work inside a run (the frozen stages' cached features). Under ``auto`` a
+    """Precision for forward-only work: the frozen stages' cached features (any size), a loaded run's
+    evaluation and prediction at 48 px and above (``engine/inference.py``), audit's features. Under ``auto`` a
     CPU with native bf16 uses it even where training stays fp32: what keeps EfficientNet-Lite0 training in
     fp32 is the depthwise *backward*; its frozen stem + blocks 0-5 forward ran at 150 vs 95 img/s in bf16 vs
-    fp32 here (bench/, PERFORMANCE.md)."""
+    fp32 on a 2-core AMX CPU (bench/frozen_features.py)."""
     if requested != "auto" or train_precision != "fp32" or device.type != "cpu":
         return train_precision
     return "bf16" if cpu_has_bf16() else "fp32"

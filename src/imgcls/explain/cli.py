@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("paths", nargs="+", help="images, folders (recursive) or globs")
     p.add_argument("--method", default="gradcam", choices=[*METHOD_NAMES, "all"], help="CAM method, or all of them")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/explain)")
-    p.add_argument("--layer", default=None, metavar="NAME", help="dotted module name (default: the last module giving the feature map)")
+    p.add_argument("--layer", default=None, metavar="NAME", help="dotted module name (default: the family table's layer, e.g. layer4 or bn2, else the last module giving forward_features' map)")
     p.add_argument("--class", dest="target_class", default=None, metavar="NAME", help="explain this class instead of the prediction (why not NAME?)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -10,9 +10,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "study", help="run an ablation study (arms x seeds) from a YAML spec and compare the arms",
         description="Every arm x seed is an ordinary run folder OUT/runs/<arm>/seed<k>. Rerunning skips finished runs "
-                    "and continues unfinished ones; results: OUT/summary.md, summary.csv, results.csv and plots.",
+                    "and continues unfinished ones; results: OUT/report.html, summary.md, summary.csv, results.csv and plots.",
     )
-    p.add_argument("spec", type=Path, help="study spec (YAML): name, data, base, seeds, arms[, baseline]")
+    p.add_argument("spec", type=Path, help="study spec (YAML): name, data, base, seeds, arms[, baseline, panel_per_class, panel_layer]")
     p.add_argument("--out", type=Path, default=None, help="study folder (default runs/study-<spec name>)")
     p.add_argument("--data", default=None, metavar="PATH", help="use this data instead of the spec's data: (a folder, a CSV or fashion-mnist)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rerun-stale", action="store_true", help="move runs whose config no longer matches the spec to OUT/stale/ and redo them")
     p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs again")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: here, one run after another (one per GPU with several GPUs); "
+                   help="local: in this process, one run after another (with several GPUs, one subprocess per GPU); "
                         "ray: one Ray task per run, on this machine or a cluster (pip install -e '.[ray]')")
     p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
                    help="with --executor ray: the cluster to use (auto: the one `ray start` began on this machine); "

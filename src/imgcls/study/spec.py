@@ -43,7 +43,7 @@ class Study:
     arms: dict[str, dict[str, Any]]  # arm name -> its overrides of base, in spec order
     baseline: str
     panel_per_class: int = 2
-    panel_layer: str = ""  # Grad-CAM layer; "" = the explainer's default (the last feature map)
+    panel_layer: str = ""  # Grad-CAM layer; "" = the explainer's default (the family table's, else the last feature map)
     spec_path: str = ""
 
     def config(self, arm: str, seed: int) -> TrainConfig:
