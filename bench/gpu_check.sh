@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check as one prepared run, for a machine that holds nothing but this repository (under 8 minutes
-# on an H200 by its time limits; not yet run on one). In a fresh folder under /tmp, removed at the end:
+# on an H200: each phase has a time limit). In a fresh temporary folder ($TMPDIR, else /tmp), removed at the end:
 #   1. an intel-scenes-like set of JPEGs (bench/make_scenes.py: six classes, 150x150, 14,034 + 1,501 images)
 #      and the decode cache (IMGCLS_CACHE);
 #   2. resnet50@150 training img/s, imgcls's engine and the same step on ready tensors (bench/
