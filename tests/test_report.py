@@ -162,6 +162,20 @@ def test_report_command_rerenders_and_rejects_other_folders(study, tmp_path):
     assert r.returncode == 2 and "is not a run" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_eval_keeps_the_run_page_in_step(study, tmp_path):
+    """`imgcls eval RUN` rewrites RUN/eval, so it re-renders RUN/report.html; an eval elsewhere leaves it."""
+    run = tmp_path / "run"
+    shutil.copytree(_runs(study, "baseline"), run)
+    (run / "report.html").unlink()
+    r = run_cli("eval", str(run), "--out", str(tmp_path / "elsewhere"))
+    assert r.returncode == 0, r.stderr
+    assert not (run / "report.html").exists()
+    r = run_cli("eval", str(run), env={"IMGCLS_QUIET": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "report.html (updated)" in r.stdout + r.stderr
+    assert "Run run" in _self_contained(run / "report.html")
+
+
 # --- the pages in a real browser ------------------------------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -259,6 +259,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         p = metrics["most_confused"][0]
         progress.say(f"most confused: {p['true']} -> {p['predicted']} ({p['count']} images)")
     progress.say(f"files: {out}/metrics.json, predictions.csv, confusion_matrix*.png, misclassified.png, reliability.png")
+    if Path(out).resolve() == (Path(args.run) / "eval").resolve():
+        progress.say(f"page: {Path(args.run) / 'report.html'} (updated)")
     return 0
 
 

@@ -195,7 +195,12 @@ def eval_command(run_dir: str | Path, data: str | Path | None, out_dir: str | Pa
         write_json(out / "data_report.json", report)
         for s in report["skipped"]:
             progress.say(f"skipped {s['path']}: {s['reason']}")
-    return evaluate_split(loaded, split, out, excluded=excluded, tta=loaded.config.tta if tta is None else tta)
+    metrics = evaluate_split(loaded, split, out, excluded=excluded, tta=loaded.config.tta if tta is None else tta)
+    if out.resolve() == (run_dir / "eval").resolve():  # the run's page shows RUN/eval: keep it in step
+        from imgcls.report.html import write_report
+
+        write_report(run_dir)
+    return metrics
 
 
 def _rows(classes: list[str], probs: torch.Tensor, score: torch.Tensor, paths: list, *, topk: int, threshold: float | None) -> list[dict]:
