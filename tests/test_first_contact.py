@@ -19,7 +19,7 @@ def test_no_flags_uses_the_fast_recipe_and_says_so(tmp_path):
     assert "recipe fast-finetune: pretrained efficientnet_lite0" in r.stderr
     assert "--model resnet18, or --recipe none" in r.stderr
     cfg = json.loads((run / "config.json").read_text())
-    assert (cfg["recipe"], cfg["model"], cfg["pretrained"], cfg["freeze"]) == ("fast-finetune", "efficientnet_lite0", True, 6)
+    assert (cfg["recipe"], cfg["model"], cfg["pretrained"], cfg["freeze"]) == ("fast-finetune", "efficientnet_lite0", True, 4)
     assert cfg["img_size"] == 32  # the data's own size: under the recipe's 160 px ceiling
     assert "test accuracy" in r.stderr
     assert f"next: imgcls eval {run}" in r.stderr

@@ -385,7 +385,7 @@ def test_fast_finetune_recipe_end_to_end(tmp_path):
     assert summary["model"] == "efficientnet_lite0" and summary["epochs_run"] == 3
     assert summary["test_accuracy"] > 1 / 3  # pretrained features separate these colours within a few steps
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["freeze"] == 6 and cfg["ema"] == 0.99 and cfg["tta"] is True
+    assert cfg["freeze"] == 4 and cfg["ema"] == 0.99 and cfg["tta"] is True
     assert json.loads((run / "eval" / "metrics.json").read_text())["tta"] is True
 
 
