@@ -148,7 +148,7 @@ def main() -> None:
     if base["time_to"][0.90] and ours["time_to"][0.90]:
         ratio = ours["time_to"][0.90] / base["time_to"][0.90]
         print(f"imgcls reaches the baseline's 90 % in {ratio:.2f}x its time"
-              + (" (baseline quoted from PERFORMANCE.md, not measured in this run)" if base["quoted"] else ""))
+              + (" (baseline quoted from an earlier run of this script, not measured in this one)" if base["quoted"] else ""))
     print("(n/r = not reached; imgcls's clock includes decoding into an empty cache and excludes the per-epoch test probe)")
     key = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731
     print(json.dumps({
