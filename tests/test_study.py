@@ -165,6 +165,16 @@ def test_spec_resolves_data_and_baseline(tmp_path):
     assert spec.parse_spec({"data": "/abs/d", "arms": {"a": {}, "baseline": {}}}, spec_dir=tmp_path).baseline == "baseline"
 
 
+def test_a_recipe_in_a_spec_sets_its_defaults_under_the_spec_keys(tmp_path):
+    s = spec.parse_spec({"data": "/abs/d", "base": {"recipe": "fast-finetune", "epochs": 1},
+                         "arms": {"a": {}, "b": {"freeze": 6}, "scratch": {"recipe": "none", "model": "resnet18"}}},
+                        spec_dir=tmp_path)
+    a, b, scratch = s.config("a", 0), s.config("b", 0), s.config("scratch", 0)
+    assert (a.model, a.pretrained, a.freeze, a.ema, a.epochs) == ("efficientnet_lite0", True, 4, 0.99, 1)
+    assert (b.model, b.freeze) == ("efficientnet_lite0", 6)
+    assert (scratch.model, scratch.pretrained, scratch.freeze, scratch.epochs) == ("resnet18", False, 0, 1)
+
+
 def test_one_run_per_gpu_when_several_are_visible(tmp_path, monkeypatch):
     s = spec.parse_spec({"data": "d", "arms": {"a": {}, "b": {"dropout": 0.2}}, "seeds": [0, 1]}, spec_dir=tmp_path)
     runs = runner.plan(s, tmp_path / "out")

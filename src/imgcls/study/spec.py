@@ -48,7 +48,10 @@ class Study:
 
     def config(self, arm: str, seed: int) -> TrainConfig:
         """The run config of one arm and seed (already validated by :func:`load_spec`)."""
-        return config_mod.from_dict({**self.base, **self.arms[arm], "data": self.data, "seed": seed})
+        stated = {**self.base, **self.arms[arm], "data": self.data, "seed": seed}
+        # a recipe named in the spec sets its defaults under the spec's own keys, as it does for `imgcls train`
+        recipe = config_mod.RECIPE_DEFAULTS.get(str(stated.get("recipe", "none")), {})
+        return config_mod.from_dict({**recipe, **stated})
 
     def runs(self) -> list[tuple[str, int]]:
         """Every (arm, seed), seed-major so that a study stopped half-way has every arm at the first seeds."""
