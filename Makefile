@@ -30,7 +30,7 @@ demo: install fashion-mnist
 	$(VENV)/bin/imgcls demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: install
 	$(PY) bench/train_throughput.py
