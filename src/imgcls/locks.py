@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,10 +77,15 @@ def exclusive(folder: Path, *, what: str) -> Iterator[None]:
 
 
 @contextmanager
-def waiting(path: Path) -> Iterator[None]:
-    """Hold the lock file ``path``, waiting for the current holder (cache writers queue up on one entry)."""
+def waiting(path: Path, *, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock file ``path``, waiting for the current holder (cache writers queue up on one entry);
+    ``on_wait`` is told the holder's name when this has to wait (a wait can last a whole decode)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, wait=True)
+    fd = _acquire(path, wait=False)
+    if fd is None:
+        if on_wait is not None:
+            on_wait(_owner(path))
+        fd = _acquire(path, wait=True)
     assert fd is not None  # a blocking flock returns only once held
     try:
         yield

@@ -204,13 +204,34 @@ def decode_pool(pool: Pool, *, size: int, resize: str = "squash", source_id: str
     if pool.arrays is not None:
         return _decode_arrays(pool, size=size, resize=resize, source_id=source_id, root=root, warned=warned)
     index = root / "index" / (_stat_key(pool, size, resize) + ".json")
+    hit = _indexed(index, root, pool, warned)
+    if hit is not None:
+        return hit
+    # Decoding is the long part: processes that need these files in this cache (the first rank of each node
+    # sharing one cache folder, runs started side by side) take turns here, so one decodes and the others
+    # read its entry instead of decoding the same files again. Entry locks are taken inside, never around.
+    def told(owner: str) -> None:
+        progress.say(f"waiting for {owner}, which is decoding the {pool.name} split into {root}")
+
+    with locks.waiting(index.with_suffix(".lock"), on_wait=told):
+        hit = _indexed(index, root, pool, warned)
+        if hit is None:
+            key, hit = _decode_files(pool, size=size, resize=resize, workers=workers, root=root, warned=warned)
+            _write_index(index, key)
+    return hit
+
+
+def _indexed(index: Path, root: Path, pool: Pool, warned: set[Path]) -> DecodedPool | None:
+    """The entry ``index`` points at, if it is there and sound."""
     try:
         key = json.loads(index.read_text())["key"]
-        hit = _checked_entry(root / "entries" / str(key), pool, warned)
-        if hit is not None:
-            return hit
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # no index (or a damaged one): decode, which rewrites it
+        return None  # no index (or a damaged one): decode, which rewrites it
+    return _checked_entry(root / "entries" / str(key), pool, warned)
+
+
+def _decode_files(pool: Pool, *, size: int, resize: str, workers: int | None, root: Path, warned: set[Path]) -> tuple[str, DecodedPool]:
+    """Decode every file of ``pool`` and store the entry; -> (its content key, the entry)."""
     n = len(pool)
     workers = workers or min(8, os.cpu_count() or 1)
     # The buffer is sized for every item; skipped rows are compacted away at the end.
@@ -243,9 +264,7 @@ def decode_pool(pool: Pool, *, size: int, resize: str = "squash", source_id: str
         "sizes": dict(sizes.most_common(20)),
         "size": size,
     }
-    hit = _filled(root / "entries" / key, pool, warned, lambda: (images, meta))
-    _write_index(index, key)
-    return hit
+    return key, _filled(root / "entries" / key, pool, warned, lambda: (images, meta))
 
 
 def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: Path, warned: set[Path]) -> DecodedPool:
