@@ -109,6 +109,23 @@ def setup(device: str = "auto", *, distributed: bool = True) -> Runtime:
 SLOW_TIMEOUT = timedelta(hours=12)
 
 
+def agree(rt: Runtime, error: str | None) -> None:
+    """Every rank raises what failed on any rank, or none does; also a ``slow`` barrier. A rank that left
+    alone (its node's copy of DATA missing, a run folder that node cannot see) would leave the others
+    waiting on it, or failing with a bare connection error: each rank's message is gathered instead, and
+    every rank raises the first one (one on another rank names it and its host)."""
+    if not rt.distributed:
+        if error is not None:
+            raise ImgclsError(error)
+        return
+    found: list[Any] = [None] * rt.world
+    dist.all_gather_object(found, None if error is None else (platform.node(), error), group=rt.slow_group)
+    for rank, item in enumerate(found):
+        if item is not None:
+            host, message = item
+            raise ImgclsError(message if rank == rt.rank else f"on rank {rank} ({host}): {message}")
+
+
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -308,23 +308,47 @@ def write_run_files(run_dir: Path, cfg: TrainConfig, data: PreparedData) -> None
     write_json(run_dir / "data_report.json", data.report)
 
 
+def run_folder_problem(run_dir: Path, *, resume: bool, rt: Runtime) -> str | None:
+    """Why training into ``run_dir`` cannot start on this rank, or None. Only rank 0 writes the run folder,
+    but on ``--resume`` every rank reads its checkpoint (each restores its own augmentation stream)."""
+    last = run_dir / "checkpoints" / "last.safetensors"
+    if resume and not last.is_file():
+        shared = " (every node reads the run folder on --resume: put it on storage they share)" if rt.distributed and not rt.is_main else ""
+        return f"nothing to resume in {run_dir}: no checkpoints/last.safetensors{shared}"
+    if not resume and last.exists():
+        return f"{run_dir} already holds a run; use --resume to continue it or choose another --out"
+    return None
+
+
+def prepare_on_each_node(cfg: TrainConfig, rt: Runtime) -> PreparedData:
+    """The prepared data on every rank, each node's decode cache filled once.
+
+    The first rank of each node (``LOCAL_RANK`` 0) prepares while the node's other ranks wait, then they
+    read what it put in the node's cache. Which cache that is is ``IMGCLS_CACHE`` as each node sees it: a
+    folder per node (node 1's first rank, global rank 1 or 8, decodes there too) or one folder the nodes
+    share, where their first ranks take turns on the cache's lock so that one decodes and the others read
+    (data.cache). Global rank 0 alone decoding first would leave every rank of the other nodes to find
+    their own caches empty and decode side by side. The waits allow for a long decode (runtime.agree)."""
+    data = None
+    for first in (True, False):
+        error = None
+        if (rt.local_rank == 0) == first:
+            try:
+                data = prepare(cfg)
+            except ImgclsError as e:
+                error = str(e)
+        rt_mod.agree(rt, error)
+    assert data is not None  # every rank prepared in one of the two turns, or agree raised
+    return data
+
+
 def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False) -> tuple[TrainResult, PreparedData]:
     """Prepare the data, build the model and train; returns the result and the prepared data."""
     rt = rt_mod.setup(cfg.device)
     try:
-        last = run_dir / "checkpoints" / "last.safetensors"
-        if resume and not last.is_file():
-            raise ImgclsError(f"nothing to resume in {run_dir}: no checkpoints/last.safetensors")
-        if not resume and last.exists():
-            raise ImgclsError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+        rt_mod.agree(rt, run_folder_problem(run_dir, resume=resume, rt=rt))
         check_model_name(cfg.model)
-        # rank 0 builds the decode cache first, the others then read it; the waits allow for a long decode
-        if rt.is_main:
-            data = prepare(cfg)
-        rt_mod.barrier(rt, slow=True)
-        if not rt.is_main:
-            data = prepare(cfg)
-        rt_mod.barrier(rt, slow=True)
+        data = prepare_on_each_node(cfg, rt)
         if cfg.img_size == 0:
             cfg = cfg.replace(img_size=data.img_size)
         if rt.is_main:
