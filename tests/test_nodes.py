@@ -196,3 +196,25 @@ def test_data_missing_on_one_node_stops_every_rank_with_its_message(tmp_path):
     assert f"on rank 1 ({socket.gethostname()})" in errs[0] and "not found" in errs[0], errs[0][-2000:]
     assert "not found" in errs[1], errs[1][-2000:]
     assert not (nodes[0] / "run").exists()  # the refused run left no folder behind
+
+
+@pytest.mark.slow
+def test_an_error_before_the_group_exists_stops_the_other_node_too(tmp_path):
+    """Node 1 cannot see the --config file (a relative path only node 0's folder holds): its rank fails
+    before training joins the process group, so it joins just to pass the error on; node 0's rank stops
+    with it instead of waiting for rank 1 until the rendezvous times out."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in nodes:
+        folder.mkdir()
+    (nodes[0] / "c.yaml").write_text("epochs: 1\n")
+    data = make_split_root(tmp_path / "d", train=4, test=1)
+    port = free_port()
+    procs = [subprocess.Popen(_torchrun(nnodes=2, nproc=1, node_rank=n, port=port) + _train_args(data) + ["--config", "c.yaml"],
+                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(IMGCLS_CACHE=str(folder / "cache")))
+             for n, folder in enumerate(nodes)]
+    errs = [err for _, err in _finish(procs, timeout=900)]
+    assert all(p.returncode != 0 for p in procs), errs
+    assert f"on rank 1 ({socket.gethostname()}): config file not found: c.yaml" in errs[0], errs[0][-2000:]
+    assert "config file not found: c.yaml" in errs[1], errs[1][-2000:]
+    assert not (nodes[0] / "run").exists()

@@ -157,6 +157,17 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    except ImgclsError as e:
+        from imgcls.engine import runtime as rt_mod
+
+        # under torchrun, an error before training joined the others would leave them waiting for this rank
+        rt_mod.stop_every_rank(str(e), device=getattr(args, "device", None) or "auto")
+        raise
+
+
+def _train(args: argparse.Namespace) -> int:
     from imgcls.runs import train_and_evaluate
 
     if args.resume:

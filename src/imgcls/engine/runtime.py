@@ -102,6 +102,8 @@ def setup(device: str = "auto", *, distributed: bool = True) -> Runtime:
         # last far longer than NCCL's 10-minute collective timeout: they go through a CPU (gloo) group
         # whose timeout covers them, and the training collectives keep the default, which catches hangs.
         slow_group = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
+        global _joined
+        _joined = True
     return Runtime(device=dev, rank=rank, world=world, local_rank=local_rank, slow_group=slow_group)
 
 
@@ -124,6 +126,28 @@ def agree(rt: Runtime, error: str | None) -> None:
         if item is not None:
             host, message = item
             raise ImgclsError(message if rank == rt.rank else f"on rank {rank} ({host}): {message}")
+
+
+_joined = False  # whether this process has joined torchrun's process group (setup)
+
+
+def stop_every_rank(error: str, device: str = "auto") -> None:
+    """Pass on an error this rank met before it joined the process group (a --resume run folder or a
+    --config file its node cannot see): join as ``train`` does and :func:`agree`, so the other ranks,
+    waiting there, stop with it rather than wait for this one until the rendezvous times out. Nothing
+    outside torchrun or once this process has joined; the caller raises its own error after."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _joined:
+        return
+    try:
+        rt = setup(device)
+    except ImgclsError:
+        return
+    try:
+        agree(rt, error)
+    except ImgclsError:
+        pass
+    finally:
+        teardown(rt)
 
 
 def teardown(rt: Runtime) -> None:
