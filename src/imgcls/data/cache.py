@@ -1,4 +1,4 @@
-"""Decode each pool once into a uint8 ``N x S x S x 3`` array on disk, memory-mapped by later runs.
+"""Decode each pool once into a uint8 ``N x S x S x 3`` array on disk, read a batch at a time by later runs.
 
 This is also the verification scan: every file is fully decoded here, and the ones that fail are
 recorded with a reason instead of crashing a worker hours into training. Entries live outside the data
@@ -9,17 +9,23 @@ is ever written.
 Several processes may fill one cache at once: temp names are unique, renames atomic, and writers of one
 entry take turns on a lock. Each entry records its file sizes and digests when written and is checked
 against them when opened; a damaged entry is reported and rebuilt.
+
+Memory stays bounded by a chunk, not the pool: decoded rows go to the entry's file ``CHUNK_BYTES`` at a
+time, and readers get :class:`~imgcls.data.rows.ImageRows` over the file (positional reads, no map).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +33,12 @@ import numpy as np
 
 from imgcls import locks, progress
 from imgcls.data.images import BadImage, decode_square, resize_rgb
+from imgcls.data.rows import ImageRows
 from imgcls.data.sources import Pool
 from imgcls.io import write_text
 
 CACHE_VERSION = "2"  # 2: entries carry check.json (sizes and digests)
+CHUNK_BYTES = 32 * 2**20  # decoded rows held before they are written: 680 images at 128 px
 
 
 def cache_root() -> Path:
@@ -42,13 +50,19 @@ class DecodedPool:
     """A pool's usable images; ``rows[i]`` is item i's row in ``images``, or -1 when it was skipped."""
 
     name: str
-    images: np.ndarray  # M x S x S x 3 uint8 (memory-mapped)
+    images: np.ndarray  # M x S x S x 3 uint8 (memory-mapped: for whole-pool scans such as the audit's)
     paths: list[str]  # M, usable items only
     labels: list[str]  # M
     hashes: list[str]  # M, content hash of each file
     skipped: list[dict]  # {"path", "reason"}
     modes: dict[str, int]
     sizes: dict[str, int]  # "WxH" -> count (top entries)
+    rows: ImageRows | None = None  # the same M images, read a batch at a time without mapping them
+
+    def select(self, rows: np.ndarray) -> ImageRows:
+        """Images ``rows`` (of the M usable ones) as ImageRows over the entry's file: nothing is read yet."""
+        assert self.rows is not None
+        return self.rows.select(np.asarray(rows, dtype=np.int64))
 
 
 def _stat_key(pool: Pool, size: int, resize: str) -> str:
@@ -124,6 +138,8 @@ def _open_entry(entry: Path, pool: Pool) -> DecodedPool | None:
         images = np.load(entry / "images.npy", mmap_mode="r")
         if _images_digest(images) != check["images_digest"]:
             raise Damaged("images.npy does not match its digest")
+        if images.dtype != np.uint8 or images.ndim != 4 or not images.flags.c_contiguous:
+            raise Damaged(f"images.npy holds {images.dtype} {list(images.shape)}, not N x S x S x 3 uint8 rows")
         rows = meta["rows"]
         if len(rows) != len(pool) or images.shape[0] != sum(r >= 0 for r in rows):
             raise Damaged("its rows do not match the pool")
@@ -137,6 +153,7 @@ def _open_entry(entry: Path, pool: Pool) -> DecodedPool | None:
             skipped=[{"path": pool.paths[i], "reason": meta["reasons"][i]} for i, r in enumerate(rows) if r < 0],
             modes=meta["modes"],
             sizes=meta["sizes"],
+            rows=ImageRows.of_file(entry / "images.npy", offset=images.offset, shape=images.shape),
         )
     except Damaged:
         raise
@@ -155,42 +172,110 @@ def _checked_entry(entry: Path, pool: Pool, warned: set[Path]) -> DecodedPool | 
         return None
 
 
-def _write_entry(entry: Path, images: np.ndarray, meta: dict) -> None:
-    """Write into a unique temp folder beside the entry, then rename: readers never see a half entry.
-    Callers hold the entry's lock, so no other writer is between the check and the rename."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def _scratch(parent: Path) -> Iterator[Path]:
+    """A unique temp folder beside the entries, removed on the way out unless it was renamed into an entry."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+class _RowsWriter:
+    """An ``.npy`` of at most ``n`` uint8 rows, written ``CHUNK_BYTES`` at a time as they arrive.
+
+    The header is written first for ``n`` rows and rewritten in place at the end for the rows received; numpy
+    pads a header so that the first dimension's digits do not change its length (checked below). Why by hand:
+    ``np.save`` needs the whole array and ``open_memmap`` writes through a map, whose dirty pages the process
+    would hold, which is the memory this avoids."""
+
+    def __init__(self, path: Path, n: int, row_shape: tuple[int, ...]):
+        self.row_shape = tuple(row_shape)
+        self.header = _npy_header((n, *self.row_shape))
+        self.f = path.open("wb")
+        self.f.write(self.header)
+        per = max(1, CHUNK_BYTES // max(1, int(np.prod(self.row_shape))))
+        self.buf = np.empty((min(per, max(n, 1)), *self.row_shape), dtype=np.uint8)
+        self.k = 0  # rows in buf
+        self.m = 0  # rows received
+
+    def add(self, row: np.ndarray) -> None:
+        self.buf[self.k] = row
+        self.k += 1
+        self.m += 1
+        if self.k == len(self.buf):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.k:
+            self.f.write(self.buf[: self.k].data)
+            self.k = 0
+
+    def close(self) -> int:
+        """Write what is left and the final header; returns the number of rows."""
+        try:
+            self._flush()
+            header = _npy_header((self.m, *self.row_shape))
+            if len(header) != len(self.header):  # numpy's growth padding makes this impossible; never write a bad file
+                raise RuntimeError(f"npy header length changed from {len(self.header)} to {len(header)} bytes")
+            self.f.seek(0)
+            self.f.write(header)
+        finally:
+            self.f.close()
+        return self.m
+
+
+def _write_entry(entry: Path, tmp: Path, meta: dict) -> None:
+    """Complete ``tmp`` (a temp folder beside the entry holding images.npy) and rename it into place: readers
+    never see a half entry. Callers hold the entry's lock, so no other writer is between the check and the rename."""
     if entry.exists():  # damaged (the caller checked): move it aside first, as one rename
         trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=entry.parent))
         os.replace(entry, trash / "entry")
         shutil.rmtree(trash, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    try:
-        np.save(tmp / "images.npy", images)
-        meta_bytes = json.dumps(meta).encode()
-        (tmp / "meta.json").write_bytes(meta_bytes)
-        check = {
-            "images_bytes": (tmp / "images.npy").stat().st_size,
-            "meta_bytes": len(meta_bytes),
-            "meta_digest": _digest_bytes(meta_bytes),
-            "images_digest": _images_digest(np.load(tmp / "images.npy", mmap_mode="r")),
-        }
-        (tmp / "check.json").write_text(json.dumps(check))
-        os.replace(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    meta_bytes = json.dumps(meta).encode()
+    (tmp / "meta.json").write_bytes(meta_bytes)
+    check = {
+        "images_bytes": (tmp / "images.npy").stat().st_size,
+        "meta_bytes": len(meta_bytes),
+        "meta_digest": _digest_bytes(meta_bytes),
+        "images_digest": _images_digest(np.load(tmp / "images.npy", mmap_mode="r")),
+    }
+    (tmp / "check.json").write_text(json.dumps(check))
+    os.replace(tmp, entry)
 
 
-def _filled(entry: Path, pool: Pool, warned: set[Path], make) -> DecodedPool:
-    """The entry, written by ``make() -> (images, meta)`` unless another process already wrote it; writers
-    of one entry take turns on its lock file (four processes filling one cache once clashed here)."""
+def _filled(entry: Path, pool: Pool, warned: set[Path], tmp: Path, make: Callable[[], dict]) -> DecodedPool:
+    """The entry, made from ``tmp`` (``make()`` leaves images.npy there and returns the meta) unless another
+    process already wrote it; writers of one entry take turns on its lock file (four processes filling one
+    cache once clashed here)."""
     with locks.waiting(entry.parent / f"{entry.name}.lock"):
         hit = _checked_entry(entry, pool, warned)
         if hit is None:
-            _write_entry(entry, *make())
+            _write_entry(entry, tmp, make())
             hit = _open_entry(entry, pool)
     assert hit is not None  # just written and checked
     return hit
+
+
+def _in_order(ex: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """``ex.map(fn, items)`` with at most ``ahead`` results waiting: ``map`` submits every item at once, so
+    decoded images would pile up whenever the consumer fell behind (Python 3.14's ``buffersize`` does this)."""
+    it = iter(items)
+    pending: deque = deque(ex.submit(fn, x) for _, x in zip(range(ahead), it))
+    while pending:
+        result = pending.popleft().result()
+        for x in it:
+            pending.append(ex.submit(fn, x))
+            break
+        yield result
 
 
 def _write_index(index: Path, key: str) -> None:
@@ -234,37 +319,39 @@ def _decode_files(pool: Pool, *, size: int, resize: str, workers: int | None, ro
     """Decode every file of ``pool`` and store the entry; -> (its content key, the entry)."""
     n = len(pool)
     workers = workers or min(8, os.cpu_count() or 1)
-    # The buffer is sized for every item; skipped rows are compacted away at the end.
-    buf = np.empty((n, size, size, 3), dtype=np.uint8)
     rows = [-1] * n
     reasons = [""] * n
     hashes = [""] * n
     modes: Counter = Counter()
     sizes: Counter = Counter()
-    m = 0
-    with progress.task(f"decoding {pool.name}", n) as bar, ThreadPoolExecutor(workers) as ex:
-        for i, (arr, mode_or_reason, wh, digest) in enumerate(ex.map(lambda p: _decode_one(p, size, resize), pool.paths)):
-            hashes[i] = digest
-            if arr is None:
-                reasons[i] = mode_or_reason
-            else:
-                buf[m] = arr
-                rows[i] = m
-                m += 1
-                modes[mode_or_reason] += 1
-                sizes[wh] += 1
-            bar.advance(1)
-    images = buf[:m]
-    key = _content_key(hashes, size, resize)
-    meta = {
-        "rows": rows,
-        "reasons": reasons,
-        "hashes": hashes,
-        "modes": dict(modes),
-        "sizes": dict(sizes.most_common(20)),
-        "size": size,
-    }
-    return key, _filled(root / "entries" / key, pool, warned, lambda: (images, meta))
+    with _scratch(root / "entries") as tmp:
+        # Rows go to the file as they come (skipped items take none), a chunk at a time: memory stays one chunk.
+        out = _RowsWriter(tmp / "images.npy", n, (size, size, 3))
+        try:
+            with progress.task(f"decoding {pool.name}", n) as bar, ThreadPoolExecutor(workers) as ex:
+                decoded = _in_order(ex, lambda p: _decode_one(p, size, resize), pool.paths, ahead=4 * workers)
+                for i, (arr, mode_or_reason, wh, digest) in enumerate(decoded):
+                    hashes[i] = digest
+                    if arr is None:
+                        reasons[i] = mode_or_reason
+                    else:
+                        rows[i] = out.m
+                        out.add(arr)
+                        modes[mode_or_reason] += 1
+                        sizes[wh] += 1
+                    bar.advance(1)
+        finally:
+            out.close()
+        key = _content_key(hashes, size, resize)
+        meta = {
+            "rows": rows,
+            "reasons": reasons,
+            "hashes": hashes,
+            "modes": dict(modes),
+            "sizes": dict(sizes.most_common(20)),
+            "size": size,
+        }
+        return key, _filled(root / "entries" / key, pool, warned, tmp, lambda: meta)
 
 
 def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: Path, warned: set[Path]) -> DecodedPool:
@@ -276,18 +363,18 @@ def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: 
     if hit is not None:
         return hit
 
-    def make() -> tuple[np.ndarray, dict]:
+    def make(tmp: Path) -> dict:
         hashes = [hashlib.blake2b(a.tobytes(), digest_size=8).hexdigest() for a in pool.arrays]
-        if pool.arrays.shape[1] == size:
-            images = pool.arrays
-        else:
-            images = np.empty((len(pool), size, size, 3), dtype=np.uint8)
+        out = _RowsWriter(tmp / "images.npy", len(pool), (size, size, 3))
+        try:
             with progress.task(f"resizing {pool.name}", len(pool)) as bar:
-                for i, a in enumerate(pool.arrays):
-                    images[i] = resize_rgb(a, size, resize)
+                for a in pool.arrays:
+                    out.add(resize_rgb(a, size, resize))  # as it is when already size x size
                     bar.advance(1)
+        finally:
+            out.close()
         h, w = pool.arrays.shape[1:3]
-        meta = {
+        return {
             "rows": list(range(len(pool))),
             "reasons": [""] * len(pool),
             "hashes": hashes,
@@ -295,9 +382,9 @@ def _decode_arrays(pool: Pool, *, size: int, resize: str, source_id: str, root: 
             "sizes": {f"{w}x{h}": len(pool)},
             "size": size,
         }
-        return images, meta
 
-    return _filled(entry, pool, warned, make)
+    with _scratch(entry.parent) as tmp:
+        return _filled(entry, pool, warned, tmp, lambda: make(tmp))
 
 
 def peek_sizes(pool: Pool, limit: int = 200) -> Counter:

@@ -1,4 +1,4 @@
-"""From a config to ready uint8 tensors per split, a fixed class map and the data report."""
+"""From a config to ready splits (uint8 image rows over the decode cache), a fixed class map and the data report."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from imgcls.config import TrainConfig
 from imgcls.data import audit as audit_checks
 from imgcls.data.balance import imbalance
 from imgcls.data.cache import DecodedPool, decode_pool, peek_sizes
+from imgcls.data.rows import ImageRows
 from imgcls.data.sources import Discovery, discover, source_files, stratified_split
 from imgcls.errors import ImgclsError
 
 
 @dataclass
 class Split:
-    """One split as tensors: ``images`` is ``N x S x S x 3`` uint8, ``labels`` index the class map."""
+    """One split: ``images`` are ``N x S x S x 3`` uint8 rows, read a batch at a time (from the decode cache's
+    file, so a split costs no memory for its pixels), ``labels`` index the class map."""
 
     name: str
-    images: torch.Tensor
+    images: ImageRows
     labels: torch.Tensor
     paths: list[str]
 
@@ -69,11 +71,9 @@ def _decode_all(disc: Discovery, size: int, max_bad: float, resize: str = "squas
     return out
 
 
-def _tensor_split(name: str, dec: DecodedPool, rows: np.ndarray, label_ids: list[int]) -> Split:
-    images = torch.from_numpy(np.ascontiguousarray(dec.images[rows])) if len(rows) else torch.empty(
-        (0, *dec.images.shape[1:]), dtype=torch.uint8
-    )
-    return Split(name, images, torch.as_tensor(label_ids, dtype=torch.int64), [dec.paths[i] for i in rows])
+def _rows_split(name: str, dec: DecodedPool, rows: np.ndarray, label_ids: list[int]) -> Split:
+    """The split's rows of the pool's cache entry: nothing is read (or copied) here."""
+    return Split(name, dec.select(rows), torch.as_tensor(label_ids, dtype=torch.int64), [dec.paths[i] for i in rows])
 
 
 def _assign(disc: Discovery, pools: dict[str, DecodedPool], cfg: TrainConfig) -> dict[str, tuple[str, np.ndarray]]:
@@ -137,11 +137,11 @@ def prepare(cfg: TrainConfig) -> PreparedData:
                 f"the model knows {', '.join(classes)}"
             )
         keep = np.asarray([i for i, n in zip(rows, names) if n in index], dtype=np.int64)
-        splits[name] = _tensor_split(name, dec, keep, [index[dec.labels[i]] for i in keep])
+        splits[name] = _rows_split(name, dec, keep, [index[dec.labels[i]] for i in keep])
         if name == "test" and excluded:
             ex_rows = np.asarray([i for i, n in zip(rows, names) if n in excluded], dtype=np.int64)
             ex_index = {c: i for i, c in enumerate(excluded)}
-            excluded_test = _tensor_split("test-excluded", dec, ex_rows, [ex_index[dec.labels[i]] for i in ex_rows])
+            excluded_test = _rows_split("test-excluded", dec, ex_rows, [ex_index[dec.labels[i]] for i in ex_rows])
     if len(splits["val"]) == 0:
         raise ImgclsError("the validation split is empty: raise --val-fraction or add images")
 
@@ -191,12 +191,12 @@ def prepare_eval(
             f"class(es) {', '.join(unseen)} in {data} are unknown to the model, which knows {', '.join(classes)}"
         )
     known = np.asarray([i for i, n in enumerate(dec.labels) if n in index], dtype=np.int64)
-    split = _tensor_split(name, dec, known, [index[dec.labels[i]] for i in known])
+    split = _rows_split(name, dec, known, [index[dec.labels[i]] for i in known])
     extra = None
     allowed = list(allow_unknown)
     other = np.asarray([i for i, n in enumerate(dec.labels) if n not in index], dtype=np.int64)
     if len(other):
-        extra = _tensor_split("excluded", dec, other, [allowed.index(dec.labels[i]) for i in other])
+        extra = _rows_split("excluded", dec, other, [allowed.index(dec.labels[i]) for i in other])
     report = build_report(disc, pools, {"eval": (name, np.arange(len(dec.paths)))}, classes=classes, excluded=allowed, size=img_size)
     return split, extra, report
 

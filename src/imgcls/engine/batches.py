@@ -1,8 +1,10 @@
 """Where training and validation batches come from, so the loop only asks for "batch ``idx``".
 
-The decoded uint8 set lives on the training device when it fits (on a CPU it is already there), and a
-batch is one index into it followed by the batched augmentation (``data.augment``). A set larger than
-the GPU can spare stays in host memory; each gathered batch is pinned and copied with ``non_blocking``.
+A split is uint8 rows over the decode cache's file (``data.rows.ImageRows``): on a CPU each batch reads its
+rows from the file (through the page cache; the process never holds the set), on a GPU the set is copied
+into device memory a chunk at a time when it fits and a batch is one index into it. Either way the batch
+then goes through the batched augmentation (``data.augment``). A set larger than the GPU can spare is read
+from the file a batch at a time, pinned and copied with ``non_blocking``.
 With frozen stages and flip/no augmentation, batches come from the frozen stages' output computed once
 (``engine.features``) and only the rest of the model runs.
 """
@@ -18,6 +20,7 @@ from torch import nn
 from imgcls import progress
 from imgcls.data import BatchAugment, Split
 from imgcls.data.augment import to_float
+from imgcls.data.rows import ImageRows
 from imgcls.engine import features as feat_mod
 from imgcls.engine import runtime as rt_mod
 from imgcls.engine import selection
@@ -33,16 +36,21 @@ def fits_on_device(nbytes: int, free_bytes: int, share: float = DEVICE_SHARE) ->
     return nbytes <= free_bytes * share
 
 
-def place(images: torch.Tensor, device: torch.device, *, what: str) -> torch.Tensor:
-    """``images`` on ``device`` when they fit there, else left in host memory (said in one line)."""
+def place(images: ImageRows | torch.Tensor, device: torch.device, *, what: str) -> ImageRows:
+    """``images`` copied whole onto a GPU ``device`` when they fit there (a chunk at a time), else left where
+    they are (said in one line): a CPU reads each batch from the cache's file, as does a GPU they do not fit."""
+    if isinstance(images, torch.Tensor):
+        images = ImageRows.of_tensor(images)
+    if images.device == device or device.type == "cpu":
+        return images
     if device.type != "cuda":
-        return images.to(device)
+        return ImageRows.of_tensor(images.to(device))
     free, _total = torch.cuda.mem_get_info(device)
     if fits_on_device(images.nbytes, free):
-        return images.to(device)
+        return ImageRows.of_tensor(images.to(device))
     progress.say(
         f"the {what} ({images.nbytes / 2**30:.1f} GiB decoded) does not fit in half of {device}'s "
-        f"{free / 2**30:.1f} GiB free: it stays in host memory and each batch is copied over"
+        f"{free / 2**30:.1f} GiB free: each batch is read from the decode cache and copied over"
     )
     return images
 
@@ -58,7 +66,7 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 class TrainBatches:
     """``get(idx_host, idx_dev, g) -> (x, y, net)``: the batch input, labels and the module to run on it."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, net: nn.Module, augment: BatchAugment,
+    def __init__(self, images: ImageRows | torch.Tensor, labels: torch.Tensor, *, net: nn.Module, augment: BatchAugment,
                  device: torch.device):
         self.images = place(images, device, what="training set")
         self.labels = labels.to(device)
@@ -77,7 +85,7 @@ class TrainBatches:
         y = self.labels[idx_dev]
         if self.features is not None:
             return self.features.batch(idx_dev, g), y, self.rest
-        x = to_device(self.images[idx_host if self.streaming else idx_dev], self.device)
+        x = to_device(self.images.take(idx_host if self.streaming else idx_dev), self.device)
         return self.augment(x, g), y, self.net
 
     def use_frozen_features(self, model: nn.Module, freeze: int, val: Validator, *, precision: str, train_precision: str,
@@ -115,7 +123,7 @@ class Validator:
     def __init__(self, split: Split, rt: rt_mod.Runtime, *, mean, std, precision: str, batch_size: int, num_classes: int):
         lo, hi = (len(split) * rt.rank) // rt.world, (len(split) * (rt.rank + 1)) // rt.world
         self.rt, self.device = rt, rt.device
-        self.images = place(split.images[lo:hi], rt.device, what="validation set")
+        self.images = place(split.images.select(slice(lo, hi)), rt.device, what="validation set")
         self.labels = split.labels[lo:hi].to(rt.device)
         self.mean, self.std = mean, std
         self.mean_t, self.std_t = torch.tensor(mean, device=rt.device), torch.tensor(std, device=rt.device)

@@ -1,4 +1,5 @@
-"""Prediction over uint8 image tensors and metrics as plain data (printing and plots live elsewhere)."""
+"""Prediction over uint8 images (tensors, or ``data.rows.ImageRows`` read a batch at a time) and metrics as
+plain data (printing and plots live elsewhere)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from imgcls.engine.runtime import autocast, inference_batch
 from imgcls.models.fold import folded_copy
 
 
-def inference_model(model: nn.Module, images: torch.Tensor, *, mean, std, device: torch.device) -> nn.Module:
+def inference_model(model: nn.Module, images, *, mean, std, device: torch.device) -> nn.Module:
     """``model`` with its batch norms folded (``models.fold``), checked on the first two ``images``; the model
     itself when nothing folds, the check fails, or it is already folded (then no copy is made)."""
     if not len(images):
@@ -24,7 +25,7 @@ def inference_model(model: nn.Module, images: torch.Tensor, *, mean, std, device
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
-    images: torch.Tensor,
+    images,
     *,
     mean: tuple[float, ...],
     std: tuple[float, ...],
@@ -34,7 +35,8 @@ def predict_logits(
     tta: bool = False,
     on_batch=None,
 ) -> torch.Tensor:
-    """Logits (float32, CPU) for ``N x S x S x 3`` uint8 ``images``; ``tta`` averages with the flipped view.
+    """Logits (float32, CPU) for ``N x S x S x 3`` uint8 ``images`` (a tensor or ``ImageRows``, whose batches
+    are read as they are needed); ``tta`` averages with the flipped view.
 
     The forward passes run on a copy of ``model`` with its batch norms folded when that copy checks out
     (``models.fold``); the model is switched to eval mode for the call and restored afterwards.

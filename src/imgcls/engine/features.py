@@ -53,7 +53,7 @@ class FrozenFeatureCache:
     def build(
         cls,
         frozen: Callable,
-        images: torch.Tensor,
+        images,
         *,
         mean: torch.Tensor,
         std: torch.Tensor,
@@ -65,9 +65,10 @@ class FrozenFeatureCache:
         on_batch: Callable[[int], None] | None = None,
         device: torch.device | None = None,
     ) -> FrozenFeatureCache:
-        """Run ``frozen`` over ``images`` (``N x S x S x 3`` uint8, on the training device), and over their
-        mirror images when ``flip``, under ``precision``; batches come out in ``dtype``. The frozen modules
-        must already be in eval mode. ``device``: where ``frozen`` runs, when ``images`` are in host memory."""
+        """Run ``frozen`` over ``images`` (``N x S x S x 3`` uint8 ``ImageRows`` or tensor: on the training
+        device, or read from the decode cache a batch at a time), and over their mirror images when ``flip``,
+        under ``precision``; batches come out in ``dtype``. The frozen modules must already be in eval mode.
+        ``device``: where ``frozen`` runs, when ``images`` are in host memory."""
         n, device = len(images), device or images.device
         views = (False, True) if flip else (False,)
         out = None
