@@ -35,6 +35,7 @@ from imgcls import locks, progress
 from imgcls.data.images import BadImage, decode_square, resize_rgb
 from imgcls.data.rows import ImageRows
 from imgcls.data.sources import Pool
+from imgcls.errors import ImgclsError
 from imgcls.io import write_text
 
 CACHE_VERSION = "2"  # 2: entries carry check.json (sizes and digests)
@@ -110,16 +111,27 @@ def _digest_bytes(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _images_digest(images: np.ndarray) -> str:
+def _images_digest(rows: ImageRows) -> str:
     """Shape plus up to ``SAMPLE_ROWS`` rows spread evenly (first and last included). Hashing every row
     would cost ~6 s per run for a 1 GB entry on a 2-core laptop (blake2b ran at 150 MB/s there); the
-    recorded sizes catch truncation, this digest damage to the array's header and to the sampled rows."""
+    recorded sizes catch truncation, this digest damage to the array's header and to the sampled rows.
+    The rows are read, not touched through the memory map: the kernel maps whole large folios around each
+    touched page, so 256 touches spread over a 2 GB entry left 500 MB of it in the process."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(str(images.shape).encode())
-    n = len(images)
-    for r in np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64)) if n else []:
-        h.update(np.ascontiguousarray(images[r]).tobytes())
+    h.update(str(tuple(int(d) for d in rows.shape)).encode())  # as numpy prints a shape, e.g. "(2000, 128, 128, 3)"
+    n = len(rows)
+    sample = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
+    for part in np.array_split(sample, max(1, len(sample) // 32)):  # 32 rows a read: a few MB at most
+        h.update(rows.take(part).numpy().tobytes())
     return h.hexdigest()
+
+
+def _npy_rows(path: Path) -> tuple[np.ndarray, ImageRows]:
+    """The ``.npy`` as a memory map (nothing touched) and as ImageRows read through the file."""
+    images = np.load(path, mmap_mode="r")
+    if images.dtype != np.uint8 or images.ndim != 4 or not images.flags.c_contiguous:
+        raise Damaged(f"{path.name} holds {images.dtype} {list(images.shape)}, not N x S x S x 3 uint8 rows")
+    return images, ImageRows.of_file(path, offset=images.offset, shape=images.shape)
 
 
 def _open_entry(entry: Path, pool: Pool) -> DecodedPool | None:
@@ -135,11 +147,9 @@ def _open_entry(entry: Path, pool: Pool) -> DecodedPool | None:
         if _digest_bytes(meta_bytes) != check["meta_digest"]:
             raise Damaged("meta.json does not match its digest")
         meta = json.loads(meta_bytes)
-        images = np.load(entry / "images.npy", mmap_mode="r")
-        if _images_digest(images) != check["images_digest"]:
+        images, image_rows = _npy_rows(entry / "images.npy")
+        if _images_digest(image_rows) != check["images_digest"]:
             raise Damaged("images.npy does not match its digest")
-        if images.dtype != np.uint8 or images.ndim != 4 or not images.flags.c_contiguous:
-            raise Damaged(f"images.npy holds {images.dtype} {list(images.shape)}, not N x S x S x 3 uint8 rows")
         rows = meta["rows"]
         if len(rows) != len(pool) or images.shape[0] != sum(r >= 0 for r in rows):
             raise Damaged("its rows do not match the pool")
@@ -153,11 +163,11 @@ def _open_entry(entry: Path, pool: Pool) -> DecodedPool | None:
             skipped=[{"path": pool.paths[i], "reason": meta["reasons"][i]} for i, r in enumerate(rows) if r < 0],
             modes=meta["modes"],
             sizes=meta["sizes"],
-            rows=ImageRows.of_file(entry / "images.npy", offset=images.offset, shape=images.shape),
+            rows=image_rows,
         )
     except Damaged:
         raise
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ImgclsError) as e:
         raise Damaged(f"{type(e).__name__}: {str(e)[:120]}") from None
 
 
@@ -246,7 +256,7 @@ def _write_entry(entry: Path, tmp: Path, meta: dict) -> None:
         "images_bytes": (tmp / "images.npy").stat().st_size,
         "meta_bytes": len(meta_bytes),
         "meta_digest": _digest_bytes(meta_bytes),
-        "images_digest": _images_digest(np.load(tmp / "images.npy", mmap_mode="r")),
+        "images_digest": _images_digest(_npy_rows(tmp / "images.npy")[1]),
     }
     (tmp / "check.json").write_text(json.dumps(check))
     os.replace(tmp, entry)
