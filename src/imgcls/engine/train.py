@@ -1,9 +1,9 @@
-"""The training loop: batches drawn from the decoded uint8 tensors, augmented in bulk on the device.
+"""The training loop: batches drawn from the decoded uint8 rows, augmented in bulk on the device.
 
 No DataLoader and no worker processes: the whole split is already decoded (``data.cache``), so a batch is
-one index into a tensor, and augmentation is a handful of tensor ops (``data.augment``). On a 2-core
-laptop that leaves both cores to the model; on a GPU the uint8 set stays resident in device memory when
-it fits, and no step waits on the host.
+one read of its rows from the cache's file (``data.rows``; the process never holds the split), and
+augmentation is a handful of tensor ops (``data.augment``). On a 2-core laptop that leaves both cores to
+the model; on a GPU the uint8 set stays resident in device memory when it fits, and no step waits on the host.
 
 ``fit`` reads top to bottom; its parts live beside it: ``state`` (what is saved and resumed),
 ``step`` (one optimizer step), ``batches`` (where batches come from, validation), ``reporter`` (terminal,
