@@ -10,7 +10,6 @@ import csv
 import json
 import re
 import shutil
-import tempfile
 from html import unescape
 from pathlib import Path
 
@@ -178,28 +177,26 @@ def test_eval_keeps_the_run_page_in_step(study, tmp_path):
 
 # --- the pages in a real browser ------------------------------------------------------------------------
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+def _screenshot_tool():
+    """docs/screenshot.py: the same browser and checks the README's screenshots went through."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "screenshot.py"
+    spec = importlib.util.spec_from_file_location("imgcls_docs_screenshot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+    shot = _screenshot_tool()
+    if not (shot.CHROMIUM.is_file() and shot.CHROMEDRIVER.is_file()):
         pytest.skip("headless Chromium not installed (make browser installs Debian's chromium and chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="imgcls-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                 "--window-size=1200,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # an explicit driver path: Selenium Manager never looks for (or downloads) a browser or driver
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    driver, profile = shot.driver()
     try:
-        yield driver
+        yield driver, shot.check
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -209,20 +206,13 @@ def browser():
 def test_pages_render_in_headless_chromium(study, browser):
     from selenium.webdriver.common.by import By
 
+    browser, check = browser
     pages = {"run": _runs(study, "baseline") / "report.html", "study": study / "study" / "report.html",
              "compare": study / "compare" / "report.html"}
     for kind, page in pages.items():
-        browser.get(page.resolve().as_uri())
-        assert browser.execute_script("return document.readyState") == "complete"
-        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-        assert not severe, (kind, severe)
-        figures = browser.find_elements(By.CSS_SELECTOR, "img, svg")
-        assert figures, kind
-        for f in figures:
-            size = f.size
-            assert size["width"] > 0 and size["height"] > 0, (kind, f.get_attribute("alt"))
-            if f.tag_name == "img":  # decoded, not a broken-image box of some size
-                assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", f), (kind, f.get_attribute("alt"))
+        # loaded, no severe console message, figures present, each with a size and (an <img>) decoded
+        problem = check(browser, page)
+        assert problem is None, (kind, problem)
         text = browser.find_element(By.TAG_NAME, "body").text  # rendered text: what a reader sees
         for name in CLASSES:
             assert name in text, (kind, name)
