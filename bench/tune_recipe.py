@@ -49,22 +49,26 @@ def imgcls(*args: str) -> list[str]:
 
 
 def train_one(data: Path, name: str, seed: int, out: Path) -> dict:
-    run = out / f"{name}-s{seed}"
+    """The run's summary.json, with ``tune_wall_s``: the process's wall time, kept in OUT/walls.json (the
+    run folder stays as imgcls wrote it)."""
+    run, walls_file = out / f"{name}-s{seed}", out / "walls.json"
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
     summary = run / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
-    cmd = imgcls(
-        "train", str(data / "train"), "--recipe", "fast-finetune", *CANDIDATES[name],
-        "--test-fraction", "0", "--seed", str(seed), "--out", str(run),
-    )
-    if (run / "config.json").is_file():
-        cmd.append("--resume")
-    print(f"[{name} seed {seed}] {' '.join(cmd[2:])}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "IMGCLS_QUIET": "1"})
+    if not summary.is_file():
+        cmd = imgcls(
+            "train", str(data / "train"), "--recipe", "fast-finetune", *CANDIDATES[name],
+            "--test-fraction", "0", "--seed", str(seed), "--out", str(run),
+        )
+        if (run / "config.json").is_file():
+            cmd.append("--resume")
+        print(f"[{name} seed {seed}] {' '.join(cmd[2:])}", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "IMGCLS_QUIET": "1"})
+        walls[run.name] = time.perf_counter() - t0
+        walls_file.write_text(json.dumps(walls, indent=2))
     result = json.loads(summary.read_text())
-    result["tune_wall_s"] = time.perf_counter() - t0
-    summary.write_text(json.dumps(result, indent=2))
+    # a run finished by an earlier, interrupted invocation has only imgcls's own wall time
+    result.setdefault("tune_wall_s", walls.get(run.name, result["wall_s"]))
     return result
 
 
@@ -88,7 +92,7 @@ def main() -> None:
     for name in args.candidates:
         runs = [train_one(data, name, s, out) for s in args.seeds]
         vals = [100 * r["best_val_acc"] for r in runs]
-        walls = [r.get("tune_wall_s", r["wall_s"]) for r in runs]
+        walls = [r["tune_wall_s"] for r in runs]
         table[name] = {
             "val_mean": statistics.mean(vals),
             "val_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
