@@ -99,7 +99,7 @@ def main() -> None:
             "vals": vals,
             "wall_s": min(walls) + args.decode_s,
         }
-    print("\ncandidate        val acc (mean +- sd over seeds)   whole run (cold cache)")
+    print("\ncandidate        val acc (mean +- sd over seeds)   fastest run + cold decode")
     for name, row in table.items():
         over = "  over budget" if row["wall_s"] > args.budget_s else ""
         print(f"{name:<16} {row['val_mean']:6.2f} +- {row['val_sd']:.2f}   {row['wall_s']:6.0f} s{over}")
