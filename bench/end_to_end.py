@@ -95,9 +95,13 @@ def main() -> None:
                     "--epochs", str(args.epochs)]
         ours_cmd = [py, "-m", "imgcls", "train", str(tmp / "data"), "--model", args.model, "--epochs", str(args.epochs),
                     "--img-size", "150", "--seed", "0"]
+        print(f"start-up measured; the baseline loop ({args.epochs} epochs)...", flush=True)
         base_wall = timed(base_cmd, env, tmp / "baseline.log")
+        print(f"  {base_wall:.0f} s; imgcls train, empty cache...", flush=True)
         cold_wall = timed([*ours_cmd, "--out", str(tmp / "run-cold")], env, tmp / "imgcls-cold.log")
+        print(f"  {cold_wall:.0f} s; imgcls train, warm cache...", flush=True)
         warm_wall = timed([*ours_cmd, "--out", str(tmp / "run-warm")], env, tmp / "imgcls-warm.log")
+        print(f"  {warm_wall:.0f} s\n", flush=True)
 
         base_acc = json.loads((tmp / "baseline.log").read_text().strip().splitlines()[-1])["epochs"][-1]["test_acc"]
         ours_acc = json.loads((tmp / "run-cold" / "summary.json").read_text())["test_accuracy"]

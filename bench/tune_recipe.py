@@ -63,7 +63,7 @@ def train_one(data: Path, name: str, seed: int, out: Path) -> dict:
             cmd.append("--resume")
         print(f"[{name} seed {seed}] {' '.join(cmd[2:])}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "IMGCLS_QUIET": "1"})
+        subprocess.run(cmd, check=True)  # imgcls's own progress lines (epochs, speed, ETA) show as it trains
         walls[run.name] = time.perf_counter() - t0
         walls_file.write_text(json.dumps(walls, indent=2))
     result = json.loads(summary.read_text())
