@@ -44,6 +44,11 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _row(*cells: str) -> str:
+    """One table row; a ``|`` inside a cell ("adam | adamw | sgd") is escaped, or it would end the cell."""
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 def _default(action: argparse.Action) -> str:
     if action.default in (None, argparse.SUPPRESS) or action.default == []:
         return ""
@@ -63,7 +68,7 @@ def _options(parser: argparse.ArgumentParser, *, config_flags: set[str]) -> list
             missing.append(name)
         if a.choices and not isinstance(a, argparse._SubParsersAction):
             name += " {" + ",".join(map(str, a.choices)) + "}"
-        rows.append(f"| `{name}` | {_default(a)} | {(a.help or '').replace('%%', '%')} |")
+        rows.append(_row(f"`{name}`", _default(a), (a.help or "").replace("%%", "%")))
     if missing:
         raise SystemExit(f"{parser.prog}: argument(s) without help text: {', '.join(missing)}")
     return rows
@@ -111,15 +116,15 @@ def _render() -> str:
     for k in keys:
         d = defaults[k]
         shown = "" if k == "data" else f"`{list(d) if isinstance(d, tuple) else d}`"
-        out.append(f"| `{k}` | {_type_name(hints[k])} | {shown} | {HELP.get(k, 'the data: positional DATA of train').replace('%%', '%')} |")
+        out.append(_row(f"`{k}`", _type_name(hints[k]), shown, HELP.get(k, "the data: positional DATA of train").replace("%%", "%")))
     out += ["", "Recipes (values they set; anything stated explicitly wins):", ""]
     for r, vals in config_mod.RECIPE_DEFAULTS.items():
         if vals:
             out.append(f"- `{r}`: " + ", ".join(f"`{k}={v}`" for k, v in vals.items()))
     out += ["", "## Environment", "", "| variable | meaning |", "| --- | --- |"]
-    out += [f"| `{k}` | {v} |" for k, v in ENVIRONMENT]
+    out += [_row(f"`{k}`", v) for k, v in ENVIRONMENT]
     out += ["", "## Exit codes", "", "| code | meaning |", "| --- | --- |"]
-    out += [f"| {k} | {v} |" for k, v in EXIT_CODES]
+    out += [_row(str(k), v) for k, v in EXIT_CODES]
     return "\n".join(out) + "\n"
 
 
