@@ -130,10 +130,12 @@ def test_nan_loss_stops_before_overwriting_a_good_checkpoint(split_root, tmp_pat
     assert best["epoch"] == 1
 
 
-def test_early_stopping(split_root, tmp_path, monkeypatch):
+def test_early_stopping(split_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(batches_mod.Validator, "__call__", lambda self, module: (1.0, 0.5))  # never improves after epoch 1
+    monkeypatch.setenv("IMGCLS_QUIET", "0")
     result, _ = train(_cfg(split_root, epochs=6, patience=2), run_dir=tmp_path / "r")
     assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
+    assert "early stop: val accuracy has not improved for 2 epoch(s)" in capsys.readouterr().err  # the select score
 
 
 def test_norm_none_leaves_no_norm_layer_and_trains():

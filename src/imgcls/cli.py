@@ -30,7 +30,7 @@ HELP = {
     "augment": "none | flip | flip-rotate (seed's default) | rrc | randaugment | strong",
     "ema": "EMA decay of the weights (e.g. 0.998); 0 = off",
     "tta": "flip test-time augmentation in evaluation",
-    "patience": "early stopping after N epochs without a better val accuracy (0 = off)",
+    "patience": "early stopping after N epochs without a better validation score (the select key; 0 = off)",
     "recipe": "none | fast-finetune (sets defaults; explicit flags win). With neither --model nor --recipe, "
     "train uses fast-finetune; --recipe none (or naming a --model) trains from scratch",
     "precision": "auto | fp32 | bf16 | fp16 (auto: bf16 where measured faster for the model and device; see README)",

@@ -82,7 +82,7 @@ def fit(cfg: TrainConfig, run_dir: Path, data: PreparedData, rt: Runtime, *, res
                    "val_balanced_accuracy": scores.get("balanced_accuracy", float("nan")), "lr": lr, "elapsed_s": state.elapsed}
             report.epoch(row, improved=improved)
             if cfg.patience and state.bad_epochs >= cfg.patience and state.epoch < cfg.epochs:
-                report.say(f"early stop: val_acc has not improved for {cfg.patience} epoch(s)")
+                report.say(f"early stop: val {cfg.select} has not improved for {cfg.patience} epoch(s)")
                 stopped_early = True
                 break
             if stop.requested(rt):
