@@ -265,3 +265,16 @@ def test_spec_data_and_base_can_be_changed_from_the_command_line(tmp_path, monke
         load_spec(spec, sets=["seed=3"])
     with pytest.raises(ImgclsError, match="unknown key"):
         load_spec(spec, sets=["colour=red"])
+
+
+def test_the_end_of_study_lines_write_p_as_summary_md_does(tmp_path, monkeypatch, capsys):
+    from imgcls.study.core import StudyResult, say_summary
+
+    monkeypatch.setenv("IMGCLS_QUIET", "0")
+    rows = [{"arm": "base", "mean": 0.84, "n": 3, "test": "(baseline)"},
+            {"arm": "tiny-p", "mean": 0.81, "delta": -0.03, "p_value": 0.0002, "significant": True, "n": 3, "test": "paired t"},
+            {"arm": "some-p", "mean": 0.83, "delta": -0.01, "p_value": 0.25, "significant": False, "n": 3, "test": "paired t"},
+            {"arm": "no-p", "mean": 0.83, "delta": -0.01, "p_value": float("nan"), "significant": None, "n": 1, "test": "-"}]
+    say_summary(StudyResult(out=tmp_path, trained=0, skipped=4, summary=rows), wall_s=1.0)
+    err = capsys.readouterr().err
+    assert "p<0.001 *" in err and "p=0.250  (" in err and "p=-  (" in err and "0.000" not in err

@@ -111,8 +111,9 @@ def say_summary(result: StudyResult, *, wall_s: float) -> None:
             progress.say(f"  {r['arm']:<24} {100 * r['mean']:6.2f}%  (baseline, n={r['n']})")
         else:
             sig = " *" if r["significant"] is True else ""
-            p = "-" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
-            progress.say(f"  {r['arm']:<24} {100 * r['mean']:6.2f}%  {100 * r['delta']:+6.2f} pp  p={p}{sig}  (n={r['n']}, {r['test']})")
+            p = report.format_p(r["p_value"])  # as summary.md writes it: <0.001, not 0.000
+            p = p if p.startswith("<") else "=" + p
+            progress.say(f"  {r['arm']:<24} {100 * r['mean']:6.2f}%  {100 * r['delta']:+6.2f} pp  p{p}{sig}  (n={r['n']}, {r['test']})")
     if result.missing:
         progress.say(f"missing from the report: {', '.join(result.missing)}")
     if result.panel_note:

@@ -16,7 +16,7 @@ def _pp(v: float) -> str:
     return "-" if v is None or math.isnan(v) else f"{100 * v:+.2f}"
 
 
-def _p(v: float) -> str:
+def format_p(v: float) -> str:
     if v is None or math.isnan(v):
         return "-"
     return "<0.001" if v < 0.001 else f"{v:.3f}"
@@ -77,7 +77,7 @@ def render(
         test = "" if r["arm"] == study.baseline else r["test"]
         if r["arm"] != study.baseline and "kept" in r["compared_on"]:
             test += f"; on kept classes vs baseline {_pct(r['baseline_mean'])}%"
-        lines.append(f"| {r['arm']} | {changes} | {r['n']} | {_pct(r['mean'])}{sd} | {ci} | {delta} | {_p(r['p_value'])} | {_p(r['p_holm'])} | {test} |")
+        lines.append(f"| {r['arm']} | {changes} | {r['n']} | {_pct(r['mean'])}{sd} | {ci} | {delta} | {format_p(r['p_value'])} | {format_p(r['p_holm'])} | {test} |")
     others = [r for r in summary if r["arm"] != study.baseline and not math.isnan(r["p_value"])]
     sig = [r for r in others if r["p_value"] < ALPHA]
     sig_holm = [r for r in others if r["p_holm"] < ALPHA]
