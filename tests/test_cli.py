@@ -18,7 +18,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = make_split_root(root / "data", classes=("cat", "dog", "fox", "owl", "bee", "ant", "elk"), train=10, test=3)
     run = root / "run"
-    r = run_cli("train", str(data), "--out", str(run), "--epochs", "1", *FAST, env={"IMGCLS_CACHE": str(root / "cache"), "IMGCLS_QUIET": "0"})
+    r = run_cli("train", str(data), "--out", str(run), "--epochs", "1", *FAST, env={"IMGCLS_CACHE": str(root / "cache"), "IMGCLS_QUIET": "0"}, process=True)  # a user's shell, end to end
     assert r.returncode == 0, r.stderr
     return data, run, r
 
