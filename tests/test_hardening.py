@@ -10,6 +10,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_second_run_into_a_busy_run_folder_is_refused(tmp_path):
             assert time.monotonic() < deadline, "first run never started"
             time.sleep(0.2)
         r = run_cli("train", str(data), "--out", str(run), *FAST, "--seed", "7")
-        _one_line_error(r, "in use", str(first.pid))
+        _one_line_error(r, "in use", f"pid {first.pid} on {socket.gethostname()}")
         assert json.loads((run / "config.json").read_text())["seed"] == 0  # untouched by the refused run
     finally:
         first.send_signal(signal.SIGTERM)
@@ -118,7 +119,7 @@ def test_stale_run_lock_is_taken_over(tmp_path):
     folder.mkdir()
     (folder / ".imgcls.lock").write_text("999999999\n")  # a pid that cannot be alive; nobody holds the lock
     with exclusive(folder, what="run folder"):
-        assert (folder / ".imgcls.lock").read_text().strip() == str(os.getpid())
+        assert (folder / ".imgcls.lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
         with pytest.raises(ImgclsError, match="in use"):
             with exclusive(folder, what="run folder"):  # a second holder, even in this process
                 pass

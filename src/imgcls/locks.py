@@ -1,8 +1,9 @@
 """Exclusive locks on folders (a run folder, a decode-cache entry being written).
 
-``fcntl.flock`` on a lock file that holds the owner's pid. The kernel drops the lock when its process
-dies, so a lock file left by a crash is stale by construction: whoever opens it next gets the lock and
-takes the file over. The pid is only there to name the owner in the error message. (The filelock package
+``fcntl.flock`` on a lock file that holds the owner's pid and host name. The kernel drops the lock when its
+process dies, so a lock file left by a crash is stale by construction: whoever opens it next gets the lock
+and takes the file over. The pid and host are only there to name the owner in the error message (the host,
+because nodes can share a cache folder, and a pid alone would send the user to the wrong machine's `ps`). (The filelock package
 does the same on POSIX but not the pid, nor the unlink-and-recheck below; this is 30 lines.)
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +23,12 @@ LOCK_NAME = ".imgcls.lock"
 
 def _owner(path: Path) -> str:
     try:
-        pid = path.read_text().strip()
+        fields = path.read_text().split()
     except OSError:
         return "another process"
-    return f"pid {pid}" if pid.isdigit() else "another process"
+    if not fields or not fields[0].isdigit():
+        return "another process"
+    return f"pid {fields[0]}" + (f" on {fields[1]}" if len(fields) > 1 else "")
 
 
 def _acquire(path: Path, *, wait: bool) -> int | None:
@@ -43,7 +47,7 @@ def _acquire(path: Path, *, wait: bool) -> int | None:
             same = False
         if same:
             os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
             return fd
         os.close(fd)
 
