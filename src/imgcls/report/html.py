@@ -71,7 +71,8 @@ def _float(v) -> float:
         return math.nan
 
 
-def _p(v) -> str:
+def format_p(v) -> str:
+    """A p-value as every table writes it: "-" when there is none, "<0.001", else three decimals."""
     v = _float(v)
     return "-" if math.isnan(v) else "<0.001" if v < 0.001 else f"{v:.3f}"
 
@@ -295,7 +296,7 @@ def _study_context(folder: Path, out: Path) -> dict:
             # accuracy is bounded: the t interval is shown clipped to [0, 100] (summary.csv keeps it raw)
             "ci": "-" if math.isnan(lo) else f"{100 * max(lo, 0):.1f} - {100 * min(hi, 1):.1f}",
             "delta": None if math.isnan(_float(r["delta"])) else 100 * _float(r["delta"]),
-            "p": _p(r["p_value"]), "p_holm": _p(r["p_holm"]), "verdict": verdict, "verdict_class": css,
+            "p": format_p(r["p_value"]), "p_holm": format_p(r["p_holm"]), "verdict": verdict, "verdict_class": css,
             "test": r.get("test", "") + (f"; {r['compared_on']}" if "kept" in r.get("compared_on", "") else ""),
         })
     others = [r for r in rows if not r["is_baseline"] and r["p"] != "-"]
@@ -369,7 +370,7 @@ def _compare_context(folder: Path, out: Path) -> dict:
         "sentence": doc["sentence"],
         "headline": [
             {"label": "B - A accuracy", "value": f"{100 * doc['difference']:+.2f} points", "ci": f"95 % CI [{100 * lo:+.2f}, {100 * hi:+.2f}] (paired)"},
-            {"label": "McNemar p", "value": _p(m["p_value"]), "ci": ""},
+            {"label": "McNemar p", "value": format_p(m["p_value"]), "ci": ""},
             {"label": "verdict", "value": "significant" if doc["significant"] else "not significant", "ci": f"at the {100 * doc['alpha']:.0f} % level"},
         ],
         "runs": runs,
@@ -377,7 +378,7 @@ def _compare_context(folder: Path, out: Path) -> dict:
                                                       if doc.get("classes_mode") == "shared" else "") + "."),
         "discordant": [("both right or both wrong", f"{doc['n'] - m['a_only'] - m['b_only']:,}"),
                        ("right by A only", f"{m['a_only']:,}"), ("right by B only", f"{m['b_only']:,}"),
-                       ("McNemar's exact p", _p(m["p_value"]))],
+                       ("McNemar's exact p", format_p(m["p_value"]))],
         "test_note": f"{m['test']}; the difference interval is a paired percentile bootstrap over the images "
                      f"({doc['bootstrap']['resamples']:,} resamples, seed {doc['bootstrap']['seed']}).",
         "per_class": [{"name": r["class"], "support": f"{r['support']:,}", "f1_a": f"{r['f1_a']:.3f}", "f1_b": f"{r['f1_b']:.3f}",

@@ -10,7 +10,7 @@ from pathlib import Path
 from imgcls import progress
 from imgcls.errors import ImgclsError
 from imgcls.io import write_json, write_text
-from imgcls.report.html import write_report
+from imgcls.report.html import format_p, write_report
 from imgcls.study import analysis as agg
 from imgcls.study import plots, report, runner
 from imgcls.study.executors import Executor, LocalExecutor
@@ -111,7 +111,7 @@ def say_summary(result: StudyResult, *, wall_s: float) -> None:
             progress.say(f"  {r['arm']:<24} {100 * r['mean']:6.2f}%  (baseline, n={r['n']})")
         else:
             sig = " *" if r["significant"] is True else ""
-            p = report.format_p(r["p_value"])  # as summary.md writes it: <0.001, not 0.000
+            p = format_p(r["p_value"])  # as summary.md writes it: <0.001, not 0.000
             p = p if p.startswith("<") else "=" + p
             progress.say(f"  {r['arm']:<24} {100 * r['mean']:6.2f}%  {100 * r['delta']:+6.2f} pp  p{p}{sig}  (n={r['n']}, {r['test']})")
     if result.missing:

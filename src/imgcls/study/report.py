@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from imgcls.report.html import format_p
 from imgcls.study.analysis import ALPHA
 from imgcls.study.spec import Study
 
@@ -14,12 +15,6 @@ def _pct(v: float, digits: int = 2) -> str:
 
 def _pp(v: float) -> str:
     return "-" if v is None or math.isnan(v) else f"{100 * v:+.2f}"
-
-
-def format_p(v: float) -> str:
-    if v is None or math.isnan(v):
-        return "-"
-    return "<0.001" if v < 0.001 else f"{v:.3f}"
 
 
 def _curve_table(curves: dict[str, tuple], max_cols: int = 12) -> list[str]:
