@@ -71,7 +71,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     call (about 50 calls in the suite); stdout/stderr are captured, an uncaught exception becomes a
     traceback in stderr and exit status 1 as it would from ``python -m imgcls``. ``process=True`` (or a
     ``cwd``) runs ``python -m imgcls`` in a fresh interpreter, for what only a new process shows: start-up,
-    signals, the current directory, state a second call must not inherit."""
+    signals, the current directory, state a second call must not inherit; ``timeout`` applies there only."""
     if process or cwd is not None:
         full_env = {**os.environ, **(env or {})}
         return subprocess.run(

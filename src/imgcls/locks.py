@@ -2,9 +2,9 @@
 
 ``fcntl.flock`` on a lock file that holds the owner's pid and host name. The kernel drops the lock when its
 process dies, so a lock file left by a crash is stale by construction: whoever opens it next gets the lock
-and takes the file over. The pid and host are only there to name the owner in the error message (the host,
-because nodes can share a cache folder, and a pid alone would send the user to the wrong machine's `ps`). (The filelock package
-does the same on POSIX but not the pid, nor the unlink-and-recheck below; this is 30 lines.)
+and takes the file over. The pid and host only name the owner in the error message; the host because
+nodes can share a cache folder, where a pid alone would send the user to the wrong machine's `ps`.
+(The filelock package does the same on POSIX but not the owner, nor the unlink-and-recheck below.)
 """
 
 from __future__ import annotations
