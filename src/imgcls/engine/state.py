@@ -85,7 +85,13 @@ class TrainState:
             raise ImgclsError("that checkpoint holds weights only and cannot resume a run")
         self.model.load_state_dict(ckpt.unprefixed("model", tensors))
         opt_t = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-        self.optimizer.load_state_dict(ckpt.join_state(meta["optimizer"], opt_t))
+        # the kernel choice (fused, foreach) is this process's, not the saved run's: a checkpoint from before
+        # the fused kernels (or from another device type) must not switch them off
+        # (set before loading: torch places the loaded step counters by the groups' kernel choice)
+        saved = ckpt.join_state(meta["optimizer"], opt_t)
+        for group, now in zip(saved.get("param_groups", []), self.optimizer.param_groups):
+            group.update({k: now[k] for k in ("fused", "foreach") if k in now})
+        self.optimizer.load_state_dict(saved)
         if self.scheduler is not None and meta.get("scheduler") is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
         if meta.get("scaler") is not None:
