@@ -308,6 +308,43 @@ def test_resume_on_another_device_type_restarts_the_augmentation_stream_with_a_n
     assert torch.equal(s.aug_gen.get_state(), torch.Generator().manual_seed(7 + 5).get_state())
 
 
+def test_training_uses_fused_optimizer_kernels_and_a_resume_keeps_them():
+    """imgcls asks torch for its fused kernels (a loop over tensors is torch's CPU default); a checkpoint
+    written with the default kernels (before this change) resumes into fused ones and continues the same
+    numbers as the default kernels would."""
+    from imgcls.engine.train import fused_kernels
+
+    assert fused_kernels(torch.device("cpu")) == {"fused": True} and fused_kernels(torch.device("meta")) == {}
+
+    def adam_state(fused: bool) -> TrainState:
+        torch.manual_seed(0)
+        model = _tiny()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, **({"fused": True} if fused else {}))
+        return TrainState(model=model, optimizer=opt, scheduler=None, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                          ema=None, aug_gen=torch.Generator().manual_seed(0))
+
+    def steps(state: TrainState, n: int) -> None:
+        g = torch.Generator().manual_seed(state.global_step)
+        for _ in range(n):
+            x = torch.randn(4, 3, 2, 2, generator=g)
+            state.model(x).square().mean().backward()
+            state.optimizer.step()
+            state.optimizer.zero_grad()
+            state.global_step += 1
+
+    old = adam_state(fused=False)
+    steps(old, 3)
+    tensors, meta = old.dump(Runtime(device=CPU))
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as read from a file: not the live optimizer state
+    resumed = adam_state(fused=True)
+    resumed.restore(tensors, meta, Runtime(device=CPU), reseed=0)
+    assert all(g["fused"] for g in resumed.optimizer.param_groups)
+    steps(old, 2)
+    steps(resumed, 2)
+    for a, b in zip(old.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_background_checkpoint_writes_land_and_report_their_errors(tmp_path):
     """The GPU mode of Checkpoints (a writer thread), driven on the CPU: the file that lands is the state at
     the time of the call (copied before training goes on); a failed write is raised on the
