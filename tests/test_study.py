@@ -175,26 +175,94 @@ def test_a_recipe_in_a_spec_sets_its_defaults_under_the_spec_keys(tmp_path):
     assert (scratch.model, scratch.pretrained, scratch.freeze, scratch.epochs) == ("resnet18", False, 0, 1)
 
 
+class _FakeProc:
+    def __init__(self, cmd, *, env):
+        self.cmd, self.env = cmd, env
+
+    def wait(self):
+        return 0
+
+    def poll(self):
+        return 0
+
+
 def test_one_run_per_gpu_when_several_are_visible(tmp_path, monkeypatch):
     s = spec.parse_spec({"data": "d", "arms": {"a": {}, "b": {"dropout": 0.2}}, "seeds": [0, 1]}, spec_dir=tmp_path)
     runs = runner.plan(s, tmp_path / "out")
     seen = []
 
-    def fake_run(cmd, *, env, **kw):
+    def fake_popen(cmd, *, env, log):
         seen.append((env["CUDA_VISIBLE_DEVICES"], cmd))
-        return subprocess.CompletedProcess(cmd, 0)
+        return _FakeProc(cmd, env=env)
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    monkeypatch.setattr(executors.subprocess, "run", fake_run)
+    monkeypatch.setattr(executors, "_popen", fake_popen)
+    monkeypatch.setattr(executors, "cuda_devices", lambda runs: ["4", "6"])
     warmed = []
     monkeypatch.setattr("imgcls.data.prepare", lambda cfg: warmed.append(cfg.img_size))
-    executors._execute_parallel(runs, tmp_path / "out", gpus=["4", "6"], total=4, done_before=0)
+    executors.LocalExecutor().execute(runs, tmp_path / "out", total=4, done_before=0)
     assert warmed == [0]  # the decode cache is built once, before the runs start
     assert len(seen) == 4 and {g for g, _ in seen} <= {"4", "6"}
     cmd = seen[0][1]
     assert cmd[1:4] == ["-m", "imgcls", "train"] and "--config" in cmd
     stored = json.loads(Path(cmd[cmd.index("--config") + 1]).read_text())
     assert stored["seed"] in (0, 1) and stored["data"] == str((tmp_path / "d").resolve())
+    with pytest.raises(ImgclsError, match="--jobs is for runs on the CPU; with 2 GPUs"):
+        executors.LocalExecutor(jobs=2).execute(runs, tmp_path / "out", total=4, done_before=0)
+
+
+def test_jobs_run_side_by_side_each_with_its_share_of_the_cores(study, tmp_path, monkeypatch):
+    spec_path, out, _ = study
+    copy = _light_copy(out, tmp_path / "out")
+    for seed in (0, 1):  # two runs left to do
+        shutil.rmtree(copy / "runs" / "sgd" / f"seed{seed}")
+    envs = []
+    real_popen = executors._popen
+
+    def spy(cmd, *, env, log):
+        envs.append(env["OMP_NUM_THREADS"])
+        return real_popen(cmd, env=env, log=log)
+
+    monkeypatch.setattr(executors, "_popen", spy)
+    monkeypatch.setattr(executors, "cpu_threads", lambda jobs: 3)  # what each child is told, whatever this machine has
+    r = run_cli("study", str(spec_path), "--out", str(copy), "--jobs", "2",
+                env={"IMGCLS_QUIET": "0", "IMGCLS_CACHE": str(spec_path.parent / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert envs == ["3", "3"]
+    assert "2 run(s), 2 at a time with 3 CPU thread(s) each" in r.stderr
+    assert "sgd seed 0: test accuracy" in r.stderr and "sgd seed 1: test accuracy" in r.stderr
+    for seed in (0, 1):
+        run = copy / "runs" / "sgd" / f"seed{seed}"
+        assert json.loads((run / "summary.json").read_text())["test_accuracy"] >= 0
+        assert "trained 1 epoch(s)" in (run / "train.log").read_text()
+    assert len(_rows(copy / "results.csv")) == 6
+
+
+def test_cpu_threads_share_the_cores(monkeypatch):
+    monkeypatch.setattr(executors.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert executors.cpu_threads(1) == 4 and executors.cpu_threads(2) == 2 and executors.cpu_threads(16) == 1
+    # 2 at a time: each of the first runs gets half; a run that starts when it is the last one left gets all
+    assert executors.share_of_cores(slots=2, not_finished=15) == 2
+    assert executors.share_of_cores(slots=2, not_finished=2) == 2
+    assert executors.share_of_cores(slots=2, not_finished=1) == 4
+
+
+def test_a_signal_starts_no_new_run_and_reaches_the_running_ones(tmp_path):
+    import signal
+    import sys
+
+    children = executors._Children()
+    with (tmp_path / "log").open("w") as log:
+        proc = children.start([sys.executable, "-c", "import time; time.sleep(60)"], dict(__import__("os").environ), log)
+        children.stop(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM  # the child got the signal (no handler there: it ended)
+        assert children.start([sys.executable, "-c", "pass"], {}, log) is None
+
+
+def test_jobs_is_checked_before_anything_trains():
+    with pytest.raises(ImgclsError, match="--jobs must be 1 or more"):
+        executors.make_executor("local", jobs=0)
+    assert executors.make_executor("local", jobs=2).jobs == 2
 
 
 # --- statistics on known numbers -------------------------------------------------------------------

@@ -112,3 +112,8 @@ def test_cli_without_ray_is_a_one_line_error(tmp_path):
 def test_address_needs_the_ray_executor():
     with pytest.raises(ImgclsError, match="--address is for --executor ray"):
         make_executor("local", address="auto")
+
+
+def test_jobs_is_for_the_local_executor():
+    with pytest.raises(ImgclsError, match="--jobs is for --executor local"):
+        make_executor("ray", jobs=2)

@@ -5,6 +5,9 @@ planning (skip finished runs, continue unfinished ones, refuse stale ones) stays
 
 ``local``: on CPU (or one GPU) the runs go one after another in this process. With several visible CUDA
 devices each run is a subprocess ``python -m imgcls train`` pinned to one device by ``CUDA_VISIBLE_DEVICES``.
+With ``jobs`` > 1 (CPU runs) that many subprocesses run side by side, each with its share of the cores as
+``OMP_NUM_THREADS`` (a run that starts when fewer are left gets a larger share): on two cores two 1-thread runs of ResNet-18 trained 6 % more images a second than one
+2-thread run (``bench/study_jobs.py``).
 
 ``ray``: each run is a Ray task (one GPU each where the cluster has GPUs, else one CPU) that trains in its
 worker and writes its run folder under the study folder, which every node must see at the same path
@@ -14,20 +17,24 @@ checkpoint. Ray is an optional extra, imported only here and only when asked for
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Protocol
 
 from imgcls import config as config_mod
 from imgcls import progress
 from imgcls.config import TrainConfig
-from imgcls.errors import ImgclsError
+from imgcls.errors import ImgclsError, Interrupted
 from imgcls.study import runner
 from imgcls.study.runner import PlannedRun
 
@@ -41,13 +48,17 @@ class Executor(Protocol):
         """Train and evaluate ``runs`` into their run folders; raise ImgclsError naming any that failed."""
 
 
-def make_executor(name: str, *, address: str | None = None) -> Executor:
+def make_executor(name: str, *, address: str | None = None, jobs: int = 1) -> Executor:
     """The executor called ``name``; fails at once (before anything trains) when it cannot work here."""
+    if jobs < 1:
+        raise ImgclsError(f"--jobs must be 1 or more, got {jobs}")
     if name == "local":
         if address is not None:
             raise ImgclsError("--address is for --executor ray")
-        return LocalExecutor()
+        return LocalExecutor(jobs=jobs)
     if name == "ray":
+        if jobs != 1:
+            raise ImgclsError("--jobs is for --executor local; Ray runs as many tasks as the cluster has CPUs or GPUs")
         return RayExecutor(address=address)
     raise ImgclsError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
 
@@ -69,19 +80,58 @@ def _failed(failed: list[tuple[PlannedRun, str]]) -> ImgclsError:
 
 
 class LocalExecutor:
+    def __init__(self, *, jobs: int = 1):
+        self.jobs = jobs
+
     def execute(self, runs: list[PlannedRun], out: Path, *, total: int, done_before: int) -> None:
-        """Train and evaluate ``runs``; in sequence, or one per GPU when several are visible."""
+        """Train and evaluate ``runs``; in sequence, one per GPU when several are visible, or ``jobs`` at a time."""
         gpus = cuda_devices(runs)
         if gpus:
-            _execute_parallel(runs, out, gpus=gpus, total=total, done_before=done_before)
+            if self.jobs > 1:
+                raise ImgclsError(f"--jobs is for runs on the CPU; with {len(gpus)} GPUs the study already runs one run per GPU")
+            slots = [(f"GPU {g}", {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
+            progress.say(f"{len(runs)} run(s) on {len(gpus)} GPUs, one run per GPU; logs in each run folder's train.log")
+            _execute_parallel(runs, out, slots=slots, total=total, done_before=done_before)
+            return
+        if self.jobs > 1 and len(runs) > 1:
+            n = min(self.jobs, len(runs))
+            slots = [(f"slot {i + 1}", {}) for i in range(n)]
+            progress.say(f"{len(runs)} run(s), {n} at a time with {cpu_threads(n)} CPU thread(s) each "
+                         "(a run that starts with fewer left to run gets more); logs in each run folder's train.log")
+            _execute_parallel(runs, out, slots=slots, total=total, done_before=done_before, share_cores=True)
             return
         for i, r in enumerate(runs, start=done_before + 1):
             what = "continuing" if r.state == "resume" else "run"
             progress.say(f"{what} {i}/{total}: {r.arm} seed {r.seed}")
             t0 = time.perf_counter()
             summary = runner.train_one(r.config, run_dir=r.path, resume=r.state == "resume")
-            acc = summary.get("test_accuracy") if summary else None
-            progress.say(f"  {r.arm} seed {r.seed}: " + (f"test accuracy {acc:.2%}" if acc is not None else "done") + f" in {time.perf_counter() - t0:.0f}s")
+            progress.say(f"  {r.arm} seed {r.seed}: {_outcome(summary)} in {time.perf_counter() - t0:.0f}s")
+
+
+def _outcome(summary: dict | None) -> str:
+    acc = summary.get("test_accuracy") if summary else None
+    return f"test accuracy {acc:.2%}" if acc is not None else "done"
+
+
+def _summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def share_of_cores(*, slots: int, not_finished: int) -> int:
+    """Threads for a run that starts now: the cores shared among the runs that can still run at once."""
+    return cpu_threads(max(1, min(slots, not_finished)))
+
+
+def cpu_threads(jobs: int) -> int:
+    """Each of ``jobs`` side-by-side runs gets this many threads: its share of the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // jobs)
 
 
 def cuda_devices(runs: list[PlannedRun]) -> list[str]:
@@ -112,31 +162,103 @@ def _subprocess_command(r: PlannedRun, out: Path) -> list[str]:
     return cmd + ["--config", str(cfg_file)]
 
 
-def _execute_parallel(runs: list[PlannedRun], out: Path, *, gpus: list[str], total: int, done_before: int) -> None:
-    _decode_once(runs)
-    free: queue.Queue[str] = queue.Queue()
-    for g in gpus:
-        free.put(g)
-    progress.say(f"{len(runs)} run(s) on {len(gpus)} GPUs, one run per GPU; logs in each run folder's train.log")
-    counter = iter(range(done_before + 1, total + 1))
+def _popen(cmd: list[str], *, env: dict[str, str], log) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def work(r: PlannedRun) -> tuple[PlannedRun, int]:
-        gpu = free.get()
+
+class _Children:
+    """The runs' subprocesses. SIGINT or SIGTERM to the study starts no new run and is passed on to the running
+    ones, which save a checkpoint and stop (engine/train.py); the study then stops as a single run would."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.signum: int | None = None
+
+    def start(self, cmd: list[str], env: dict[str, str], log) -> subprocess.Popen | None:
+        with self.lock:
+            if self.signum is not None:
+                return None
+            proc = _popen(cmd, env=env, log=log)
+            self.running.add(proc)
+            return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.running.discard(proc)
+
+    def stop(self, signum: int, _frame=None) -> None:
+        self.signum = signum
+        for proc in list(self.running):
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    @contextmanager
+    def forwarding_signals(self) -> Iterator[None]:
+        previous = {}
         try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                previous[s] = signal.signal(s, self.stop)
+        except ValueError:  # not the main thread (a notebook's worker thread): no handlers
+            pass
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[str, dict[str, str]]], total: int,
+                      done_before: int, share_cores: bool = False) -> None:
+    """Run ``runs`` as subprocesses, one per slot at a time; a slot is a name and what it adds to the environment.
+
+    ``share_cores`` (CPU runs): a run starts with ``OMP_NUM_THREADS`` = its share of the cores among the runs
+    not yet finished, up to one per slot. So the last run of an odd number does not train on one core while
+    the other idles."""
+    _decode_once(runs)
+    free: queue.Queue[tuple[str, dict[str, str]]] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    counter = iter(range(done_before + 1, total + 1))
+    children = _Children()
+    finished = [0]
+
+    def work(r: PlannedRun) -> tuple[PlannedRun, int | None]:
+        name, env_more = free.get()
+        try:
+            if children.signum is not None:
+                return r, None
             r.path.mkdir(parents=True, exist_ok=True)
             cmd = _subprocess_command(r, out)
-            progress.say(f"run {next(counter)}/{total}: {r.arm} seed {r.seed} on GPU {gpu}")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            where = name
+            env = {**os.environ, **env_more}
+            if share_cores:
+                with children.lock:
+                    threads = share_of_cores(slots=len(slots), not_finished=len(runs) - finished[0])
+                env["OMP_NUM_THREADS"] = str(threads)
+                where = f"{name}, {threads} thread(s)"
+            t0 = time.perf_counter()
             with (r.path / "train.log").open("a", encoding="utf-8") as log:
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-            progress.say(f"  {r.arm} seed {r.seed}: {'done' if rc == 0 else f'failed (exit {rc})'}")
+                proc = children.start(cmd, env, log)
+                if proc is None:
+                    return r, None
+                what = "continuing" if r.state == "resume" else "run"
+                progress.say(f"{what} {next(counter)}/{total}: {r.arm} seed {r.seed} ({where})")
+                rc = proc.wait()
+                children.finished(proc)
+                with children.lock:
+                    finished[0] += 1
+            outcome = _outcome(_summary(r.path)) if rc == 0 else f"stopped (exit {rc})" if children.signum else f"failed (exit {rc})"
+            progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s")
             return r, rc
         finally:
-            free.put(gpu)
+            free.put((name, env_more))
 
-    with ThreadPoolExecutor(max_workers=len(gpus)) as pool:
+    with children.forwarding_signals(), ThreadPoolExecutor(max_workers=len(slots)) as pool:
         results = list(pool.map(work, runs))
-    failed = [(r, f"exit {rc}") for r, rc in results if rc != 0]
+    if children.signum is not None:
+        raise Interrupted(children.signum, "during the study's runs (each running one saved a checkpoint)")
+    failed = [(r, f"exit {rc}") for r, rc in results if rc]
     if failed:
         raise _failed(failed)
 
