@@ -259,6 +259,35 @@ def test_a_signal_starts_no_new_run_and_reaches_the_running_ones(tmp_path):
         assert children.start([sys.executable, "-c", "pass"], {}, log) is None
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_study_with_jobs_stops_its_runs_at_a_checkpoint(tmp_path):
+    """The study's process is signalled (as a scheduler or `kill` would, not the terminal's process group):
+    it starts no new run, passes the signal on, and each running run saves a checkpoint to continue from."""
+    import os
+    import signal
+    import sys
+    import time
+
+    make_split_root(tmp_path / "data", train=40, test=4)
+    spec_path = write_spec(tmp_path / "spec.yaml", base={**BASE, "epochs": 60, "batch_size": 8}, seeds=[0, 1, 2],
+                           arms={"baseline": {}})
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "imgcls", "study", str(spec_path), "--out", str(out), "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "IMGCLS_CACHE": str(tmp_path / "cache")})
+    first = [out / "runs" / "baseline" / f"seed{k}" / "metrics.csv" for k in (0, 1)]
+    deadline = time.time() + 240
+    while not all(f.exists() for f in first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM during the study's runs" in err and "rerun the same study command" in err
+    assert "Traceback" not in err
+    states = {r.seed: r.state for r in runner.plan(spec.load_spec(spec_path), out)}
+    assert states == {0: "resume", 1: "resume", 2: "new"}  # the third run never started
+
+
 def test_jobs_is_checked_before_anything_trains():
     with pytest.raises(ImgclsError, match="--jobs must be 1 or more"):
         executors.make_executor("local", jobs=0)
