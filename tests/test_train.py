@@ -345,6 +345,36 @@ def test_training_uses_fused_optimizer_kernels_and_a_resume_keeps_them():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_gives_the_optimizer_state_the_parameters_channels_last_layout():
+    """A checkpoint returns exp_avg & co. contiguous; a channels_last conv weight is not. torch's fused CPU
+    kernel would then silently compute a wrong update; restore gives the state its parameter's layout."""
+
+    def conv_state() -> TrainState:
+        torch.manual_seed(0)
+        model = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+        return TrainState(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01, fused=True), scheduler=None,
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None, aug_gen=torch.Generator().manual_seed(0))
+
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def steps(state: TrainState, n: int) -> None:
+        for _ in range(n):
+            state.model(x).square().mean().backward()
+            state.optimizer.step()
+            state.optimizer.zero_grad()
+
+    straight = conv_state()
+    steps(straight, 2)
+    tensors, meta = straight.dump(Runtime(device=CPU))
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}  # as a safetensors file gives them back
+    resumed = conv_state()
+    resumed.restore(tensors, meta, Runtime(device=CPU), reseed=0)
+    assert resumed.optimizer.state[resumed.model.weight]["exp_avg"].stride() == resumed.model.weight.stride()
+    steps(straight, 2)
+    steps(resumed, 2)
+    assert torch.equal(straight.model.weight, resumed.model.weight)
+
+
 def test_background_checkpoint_writes_land_and_report_their_errors(tmp_path):
     """The GPU mode of Checkpoints (a writer thread), driven on the CPU: the file that lands is the state at
     the time of the call (copied before training goes on); a failed write is raised on the
