@@ -6,8 +6,9 @@ planning (skip finished runs, continue unfinished ones, refuse stale ones) stays
 ``local``: on CPU (or one GPU) the runs go one after another in this process. With several visible CUDA
 devices each run is a subprocess ``python -m imgcls train`` pinned to one device by ``CUDA_VISIBLE_DEVICES``.
 With ``jobs`` > 1 (CPU runs) that many subprocesses run side by side, each with its share of the cores as
-``OMP_NUM_THREADS`` (a run that starts when fewer are left gets a larger share): on two cores two 1-thread runs of ResNet-18 trained 6 % more images a second than one
-2-thread run (``bench/study_jobs.py``).
+``OMP_NUM_THREADS`` (a run that starts when fewer are left gets a larger share). On two cores, four
+ResNet-18 runs with ``jobs`` 2 trained 11 % more images a second and finished 1.08x as fast as one at a
+time (``bench/study_jobs.py``).
 
 ``ray``: each run is a Ray task (one GPU each where the cluster has GPUs, else one CPU) that trains in its
 worker and writes its run folder under the study folder, which every node must see at the same path
