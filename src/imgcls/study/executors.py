@@ -77,7 +77,7 @@ def _failed(failed: list[tuple[PlannedRun, str]]) -> ImgclsError:
     return ImgclsError(f"{len(failed)} run(s) failed:\n{lines}")
 
 
-# --- local: in sequence, or one subprocess per GPU ------------------------------------------------------
+# --- local: in sequence, one subprocess per GPU, or --jobs subprocesses on the CPU --------------------
 
 
 class LocalExecutor:
