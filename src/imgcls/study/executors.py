@@ -174,6 +174,7 @@ class _Children:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.running: set[subprocess.Popen] = set()
+        self.done = 0  # runs that ended, however
         self.signum: int | None = None
 
     def start(self, cmd: list[str], env: dict[str, str], log) -> subprocess.Popen | None:
@@ -187,6 +188,7 @@ class _Children:
     def finished(self, proc: subprocess.Popen) -> None:
         with self.lock:
             self.running.discard(proc)
+            self.done += 1
 
     def stop(self, signum: int, _frame=None) -> None:
         self.signum = signum
@@ -214,15 +216,14 @@ def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[st
     """Run ``runs`` as subprocesses, one per slot at a time; a slot is a name and what it adds to the environment.
 
     ``share_cores`` (CPU runs): a run starts with ``OMP_NUM_THREADS`` = its share of the cores among the runs
-    not yet finished, up to one per slot. So the last run of an odd number does not train on one core while
-    the other idles."""
+    not yet finished, up to one per slot; the share is fixed when it starts. A last run that starts alone
+    gets every core instead of training on one while the others idle."""
     _decode_once(runs)
     free: queue.Queue[tuple[str, dict[str, str]]] = queue.Queue()
     for slot in slots:
         free.put(slot)
     counter = iter(range(done_before + 1, total + 1))
     children = _Children()
-    finished = [0]
 
     def work(r: PlannedRun) -> tuple[PlannedRun, int | None]:
         name, env_more = free.get()
@@ -235,7 +236,7 @@ def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[st
             env = {**os.environ, **env_more}
             if share_cores:
                 with children.lock:
-                    threads = share_of_cores(slots=len(slots), not_finished=len(runs) - finished[0])
+                    threads = share_of_cores(slots=len(slots), not_finished=len(runs) - children.done)
                 env["OMP_NUM_THREADS"] = str(threads)
                 where = f"{name}, {threads} thread(s)"
             t0 = time.perf_counter()
@@ -247,8 +248,6 @@ def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[st
                 progress.say(f"{what} {next(counter)}/{total}: {r.arm} seed {r.seed} ({where})")
                 rc = proc.wait()
                 children.finished(proc)
-                with children.lock:
-                    finished[0] += 1
             outcome = _outcome(_summary(r.path)) if rc == 0 else f"stopped (exit {rc})" if children.signum else f"failed (exit {rc})"
             progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s")
             return r, rc
@@ -354,9 +353,7 @@ class RayExecutor:
                 failed.append((r, why))
                 progress.say(f"  {finished}/{total} {r.arm} seed {r.seed}: failed: {why}")
                 continue
-            acc = summary.get("test_accuracy") if summary else None
-            progress.say(f"  {finished}/{total} {r.arm} seed {r.seed}: " + (f"test accuracy {acc:.2%}" if acc is not None else "done")
-                         + f" ({time.perf_counter() - t0:.0f}s into the study)")
+            progress.say(f"  {finished}/{total} {r.arm} seed {r.seed}: {_outcome(summary)} ({time.perf_counter() - t0:.0f}s into the study)")
         if failed:
             raise _failed(failed)
 
