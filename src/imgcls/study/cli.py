@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
                         "ray: one Ray task per run, on this machine or a cluster (pip install -e '.[ray]')")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="with --executor local on CPU: N runs side by side, each a subprocess with its share of the cores "
-                        "(on 2 cores, --jobs 2 trained 11 %% more images a second than one run at a time); default 1")
+                        "(on 2 cores, --jobs 2 trained 11 %% more images a second than one run at a time; with one GPU "
+                        "the N runs share it); default 1")
     p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
                    help="with --executor ray: the cluster to use (auto: the one `ray start` began on this machine); "
                         "default: start a local Ray instance")

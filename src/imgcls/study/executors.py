@@ -8,7 +8,7 @@ devices each run is a subprocess ``python -m imgcls train`` pinned to one device
 With ``jobs`` > 1 (CPU runs) that many subprocesses run side by side, each with its share of the cores as
 ``OMP_NUM_THREADS`` (a run that starts when fewer are left gets a larger share). On two cores, four
 ResNet-18 runs with ``jobs`` 2 trained 11 % more images a second and finished 1.08x as fast as one at a
-time (``bench/study_jobs.py``).
+time (``bench/study_jobs.py``). With one visible GPU the ``jobs`` runs share it (not measured here).
 
 ``ray``: each run is a Ray task (one GPU each where the cluster has GPUs, else one CPU) that trains in its
 worker and writes its run folder under the study folder, which every node must see at the same path
