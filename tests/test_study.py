@@ -182,9 +182,6 @@ class _FakeProc:
     def wait(self):
         return 0
 
-    def poll(self):
-        return 0
-
 
 def test_one_run_per_gpu_when_several_are_visible(tmp_path, monkeypatch):
     s = spec.parse_spec({"data": "d", "arms": {"a": {}, "b": {"dropout": 0.2}}, "seeds": [0, 1]}, spec_dir=tmp_path)
@@ -231,6 +228,7 @@ def test_jobs_run_side_by_side_each_with_its_share_of_the_cores(study, tmp_path,
     assert envs == ["3", "3"]
     assert "2 run(s), 2 at a time with 3 CPU thread(s) each" in r.stderr
     assert "sgd seed 0: test accuracy" in r.stderr and "sgd seed 1: test accuracy" in r.stderr
+    assert "2/2 ended" in r.stderr and ("1/2 ended, about" in r.stderr)  # a time left after the first
     for seed in (0, 1):
         run = copy / "runs" / "sgd" / f"seed{seed}"
         assert json.loads((run / "summary.json").read_text())["test_accuracy"] >= 0

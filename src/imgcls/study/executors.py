@@ -174,7 +174,7 @@ class _Children:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.running: set[subprocess.Popen] = set()
-        self.done = 0  # runs that ended, however
+        self.seconds: list[float] = []  # how long each ended run took, however it ended
         self.signum: int | None = None
 
     def start(self, cmd: list[str], env: dict[str, str], log) -> subprocess.Popen | None:
@@ -185,10 +185,17 @@ class _Children:
             self.running.add(proc)
             return proc
 
-    def finished(self, proc: subprocess.Popen) -> None:
+    def finished(self, proc: subprocess.Popen, seconds: float) -> None:
         with self.lock:
             self.running.discard(proc)
-            self.done += 1
+            self.seconds.append(seconds)
+
+    def eta(self, total: int, slots: int) -> str:
+        """Ended runs and a rough time left: the mean run so far, times the runs left, over the slots."""
+        with self.lock:
+            ended, left = len(self.seconds), total - len(self.seconds)
+            mean = sum(self.seconds) / max(ended, 1)
+        return f"{ended}/{total} ended" + (f", about {mean * left / slots / 60:.0f} min left" if left else "")
 
     def stop(self, signum: int, _frame=None) -> None:
         self.signum = signum
@@ -236,7 +243,7 @@ def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[st
             env = {**os.environ, **env_more}
             if share_cores:
                 with children.lock:
-                    threads = share_of_cores(slots=len(slots), not_finished=len(runs) - children.done)
+                    threads = share_of_cores(slots=len(slots), not_finished=len(runs) - len(children.seconds))
                 env["OMP_NUM_THREADS"] = str(threads)
                 where = f"{name}, {threads} thread(s)"
             t0 = time.perf_counter()
@@ -247,9 +254,10 @@ def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[st
                 what = "continuing" if r.state == "resume" else "run"
                 progress.say(f"{what} {next(counter)}/{total}: {r.arm} seed {r.seed} ({where})")
                 rc = proc.wait()
-                children.finished(proc)
+                children.finished(proc, time.perf_counter() - t0)
             outcome = _outcome(_summary(r.path)) if rc == 0 else f"stopped (exit {rc})" if children.signum else f"failed (exit {rc})"
-            progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s")
+            progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s; "
+                         f"{children.eta(len(runs), len(slots))}")
             return r, rc
         finally:
             free.put((name, env_more))
