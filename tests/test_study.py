@@ -257,6 +257,30 @@ def test_a_signal_starts_no_new_run_and_reaches_the_running_ones(tmp_path):
         assert children.start([sys.executable, "-c", "pass"], {}, log) is None
 
 
+def test_once_every_run_started_an_ended_run_leaves_its_cores_to_the_running_ones(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(executors, "cpu_threads", lambda jobs: {1: 4, 2: 2}[jobs])
+    children = executors._Children()
+    files = [tmp_path / f"t{i}" for i in range(3)]
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with (tmp_path / "log").open("w") as log:
+        a, b = (children.start(sleep, dict(__import__("os").environ), log, f) for f in files[:2])
+        c = a
+        try:
+            a.kill(), a.wait()
+            children.finished(a, 1.0, total=3)  # a third run is still to start and takes a's cores
+            assert not files[1].exists()
+            c = children.start(sleep, dict(__import__("os").environ), log, files[2])
+            b.kill(), b.wait()
+            children.finished(b, 1.0, total=3)  # nothing left to start: c gets every core
+            assert files[2].read_text() == "4\n" and not files[1].exists()
+        finally:
+            for p in {a, b, c}:
+                p.kill()
+                p.wait()
+
+
 @pytest.mark.slow
 def test_sigterm_to_a_study_with_jobs_stops_its_runs_at_a_checkpoint(tmp_path):
     """The study's process is signalled (as a scheduler or `kill` would, not the terminal's process group):

@@ -538,3 +538,37 @@ def test_sgd_without_momentum_trains(tmp_path):
     r = run_cli("train", str(data), "--model", "resnet18", "--img-size", "32", "--epochs", "1", "--batch-size", "8",
                 "--optimizer", "sgd", "--momentum", "0", "--lr", "0.01", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
+
+
+def test_a_study_can_give_a_running_run_more_cpu_threads(split_root, tmp_path, monkeypatch, capsys):
+    """study --jobs writes a larger share to the run's threads file when another run ends; the loop takes it up."""
+    threads_file = tmp_path / "threads"
+    threads_file.write_text("2\n")
+    monkeypatch.setenv(rt_mod.THREADS_FILE_ENV, str(threads_file))
+    monkeypatch.setenv("IMGCLS_QUIET", "0")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(_cfg(split_root, epochs=1), run_dir=tmp_path / "r")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert "now on 2 CPU thread(s): another run of the study ended" in capsys.readouterr().err
+
+
+def test_core_share_reads_the_file_at_most_every_few_seconds_and_ignores_a_bad_one(tmp_path, monkeypatch):
+    f = tmp_path / "threads"
+    share = rt_mod.CoreShare(str(f), every_s=0.0)
+    calls = []
+    monkeypatch.setattr(rt_mod.torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(rt_mod.torch, "get_num_threads", lambda: 1)
+    assert share.poll() is None  # no file yet
+    f.write_text("half\n")
+    assert share.poll() is None and calls == []  # not a number: nothing changes
+    f.write_text("1\n")
+    assert share.poll() is None and calls == []  # already so
+    f.write_text("3\n")
+    assert share.poll() == 3 and calls == [3]
+    slow = rt_mod.CoreShare(str(f), every_s=3600.0)
+    assert slow.poll() == 3 and slow.poll() is None  # the second look waits its turn
+    assert rt_mod.CoreShare.from_env(torch.device("cuda")).path is None  # threads are a CPU run's business

@@ -14,6 +14,7 @@ import functools
 import os
 import platform
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -228,6 +229,46 @@ def autocast(device: torch.device, precision: str):
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+THREADS_FILE_ENV = "IMGCLS_THREADS_FILE"
+
+
+class CoreShare:
+    """The CPU threads this run may use, as a study running runs side by side (``study --jobs``) hands them out.
+
+    A run starts with its share in ``OMP_NUM_THREADS``. When another run ends and no run is left to take its
+    place, the study writes the larger share to the file named by ``IMGCLS_THREADS_FILE``; :meth:`poll`, called
+    at each step, reads it every ``every_s`` seconds and calls ``torch.set_num_threads``. Without it, the study's
+    last run trained on one of two cores for its whole length while the other idled (15 runs, two at a time).
+    No file, an unreadable one, or a run off the CPU: nothing changes."""
+
+    def __init__(self, path: str | None, *, every_s: float = 5.0):
+        self.path = path
+        self.every_s = every_s
+        self._next = 0.0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> CoreShare:
+        return cls(os.environ.get(THREADS_FILE_ENV) or None if device.type == "cpu" else None)
+
+    def poll(self) -> int | None:
+        """The new thread count when it changed just now, else None."""
+        if self.path is None:
+            return None
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.every_s
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                n = int(f.read().strip())
+        except (OSError, ValueError):  # not written yet, or being replaced
+            return None
+        if n < 1 or n == torch.get_num_threads():
+            return None
+        torch.set_num_threads(n)
+        return n
 
 
 def all_reduce_sum(rt: Runtime, t: torch.Tensor) -> torch.Tensor:

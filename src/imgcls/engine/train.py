@@ -122,6 +122,8 @@ def train_epoch(cfg: TrainConfig, rt: Runtime, run: Run, batches: TrainBatches, 
             if sync:
                 run.step.step()
             state.step_in_epoch = i + 1
+            if (threads := run.cores.poll()) is not None:
+                progress.say(f"  now on {threads} CPU thread(s): another run of the study ended (step {state.global_step})")
             bar.advance(len(y) * rt.world, f"loss {float(loss):.3f}" if check_every == 1 else "")
             if sync and (i + 1) % check_every == 0 and stop.requested(rt):
                 state.elapsed += time.perf_counter() - start
@@ -152,6 +154,7 @@ class Run:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     sampler_labels: torch.Tensor | None = None  # the training labels under balance: sampler
+    cores: rt_mod.CoreShare = field(default_factory=lambda: rt_mod.CoreShare(None))  # threads a study may add (--jobs)
 
     @classmethod
     def build(cls, cfg: TrainConfig, data: PreparedData, rt: Runtime) -> Run:
@@ -188,7 +191,7 @@ class Run:
         net = DistributedDataParallel(model) if rt.distributed else model
         mean, std = data_stats(model)
         return cls(cfg, rt, state, step, net, frozen, precision, channels_last, mean, std,
-                   sampler_labels=data.train.labels if cfg.balance == "sampler" else None)
+                   sampler_labels=data.train.labels if cfg.balance == "sampler" else None, cores=rt_mod.CoreShare.from_env(rt.device))
 
     def describe(self) -> str:
         cfg, rt = self.cfg, self.rt

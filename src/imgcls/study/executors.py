@@ -24,6 +24,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -173,22 +174,33 @@ class _Children:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.running: set[subprocess.Popen] = set()
+        self.running: dict[subprocess.Popen, Path | None] = {}  # each running run and its threads file (share_cores)
         self.seconds: list[float] = []  # how long each ended run took, however it ended
         self.signum: int | None = None
+        self.started = 0
 
-    def start(self, cmd: list[str], env: dict[str, str], log) -> subprocess.Popen | None:
+    def start(self, cmd: list[str], env: dict[str, str], log, threads_file: Path | None = None) -> subprocess.Popen | None:
         with self.lock:
             if self.signum is not None:
                 return None
             proc = _popen(cmd, env=env, log=log)
-            self.running.add(proc)
+            self.running[proc] = threads_file
+            self.started += 1
             return proc
 
-    def finished(self, proc: subprocess.Popen, seconds: float) -> None:
+    def finished(self, proc: subprocess.Popen, seconds: float, *, total: int) -> None:
+        """``proc`` ended. Once every run has started, the cores it used go to the runs still running
+        (through their threads files, engine.runtime.CoreShare)."""
         with self.lock:
-            self.running.discard(proc)
+            self.running.pop(proc, None)
             self.seconds.append(seconds)
+            if self.started < total or self.signum is not None:
+                return
+            files = [f for p, f in self.running.items() if f is not None and p.poll() is None]
+            if files:
+                threads = cpu_threads(len(files))
+                for f in files:
+                    _write_threads(f, threads)
 
     def eta(self, total: int, slots: int) -> str:
         """Ended runs and a rough time left: the mean run so far, times the runs left, over the slots."""
@@ -218,14 +230,31 @@ class _Children:
                 signal.signal(s, h)
 
 
+def _write_threads(path: Path, threads: int) -> None:
+    """Replace the file in one step, so that a run reading it sees the old number or the new one."""
+    tmp = path.parent / (path.name + ".tmp")  # not with_suffix: an arm "lr-0.1" would lose ".1-seed0"
+    tmp.write_text(f"{threads}\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[str, dict[str, str]]], total: int,
                       done_before: int, share_cores: bool = False) -> None:
     """Run ``runs`` as subprocesses, one per slot at a time; a slot is a name and what it adds to the environment.
 
     ``share_cores`` (CPU runs): a run starts with ``OMP_NUM_THREADS`` = its share of the cores among the runs
     not yet finished, up to one per slot; the share is fixed when it starts. A last run that starts alone
-    gets every core instead of training on one while the others idle."""
+    gets every core instead of training on one while the others idle, and once no run is left to start, the
+    runs still running take up the cores that ended runs leave free (``IMGCLS_THREADS_FILE``)."""
     _decode_once(runs)
+    with tempfile.TemporaryDirectory(prefix="imgcls-threads-") as tmp:
+        _run_children(runs, out, slots=slots, total=total, done_before=done_before,
+                      threads_dir=Path(tmp) if share_cores else None)
+
+
+def _run_children(runs: list[PlannedRun], out: Path, *, slots: list[tuple[str, dict[str, str]]], total: int,
+                  done_before: int, threads_dir: Path | None) -> None:
+    from imgcls.engine.runtime import THREADS_FILE_ENV
+
     free: queue.Queue[tuple[str, dict[str, str]]] = queue.Queue()
     for slot in slots:
         free.put(slot)
@@ -241,20 +270,23 @@ def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[st
             cmd = _subprocess_command(r, out)
             where = name
             env = {**os.environ, **env_more}
-            if share_cores:
+            threads_file = None
+            if threads_dir is not None:
                 with children.lock:
                     threads = share_of_cores(slots=len(slots), not_finished=len(runs) - len(children.seconds))
                 env["OMP_NUM_THREADS"] = str(threads)
+                threads_file = threads_dir / f"{r.arm}-seed{r.seed}"
+                env[THREADS_FILE_ENV] = str(threads_file)
                 where = f"{name}, {threads} thread(s)"
             t0 = time.perf_counter()
             with (r.path / "train.log").open("a", encoding="utf-8") as log:
-                proc = children.start(cmd, env, log)
+                proc = children.start(cmd, env, log, threads_file)
                 if proc is None:
                     return r, None
                 what = "continuing" if r.state == "resume" else "run"
                 progress.say(f"{what} {next(counter)}/{total}: {r.arm} seed {r.seed} ({where})")
                 rc = proc.wait()
-                children.finished(proc, time.perf_counter() - t0)
+                children.finished(proc, time.perf_counter() - t0, total=len(runs))
             outcome = _outcome(_summary(r.path)) if rc == 0 else f"stopped (exit {rc})" if children.signum else f"failed (exit {rc})"
             progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s; "
                          f"{children.eta(len(runs), len(slots))}")
