@@ -30,7 +30,9 @@ def test_precedence_recipe_file_flags_set(tmp_path):
 @pytest.mark.parametrize(
     "bad, match",
     [({"colour": 1}, "unknown key"), ({"epochs": "x"}, "integer"), ({"augment": "wild"}, "augment"),
-     ({"tta": "maybe"}, "true or false"), ({"dropout": 1.5}, r"\[0, 1\)"), ({"epochs": 0}, "at least 1")],
+     ({"tta": "maybe"}, "true or false"), ({"dropout": 1.5}, r"\[0, 1\)"), ({"epochs": 0}, "at least 1"),
+     ({"low_res": 64}, "set both or neither"), ({"low_res": 96, "low_res_epochs": 2, "img_size": 96}, "below img_size"),
+     ({"low_res": 64, "low_res_epochs": 10, "epochs": 10}, "below epochs"), ({"low_res": 4, "low_res_epochs": 1}, "low_res must be")],
 )
 def test_invalid_values(bad, match):
     with pytest.raises(ImgclsError, match=match):

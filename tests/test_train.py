@@ -572,3 +572,27 @@ def test_core_share_reads_the_file_at_most_every_few_seconds_and_ignores_a_bad_o
     slow = rt_mod.CoreShare(str(f), every_s=3600.0)
     assert slow.poll() == 3 and slow.poll() is None  # the second look waits its turn
     assert rt_mod.CoreShare.from_env(torch.device("cuda")).path is None  # threads are a CPU run's business
+
+
+def test_progressive_resizing_trains_the_first_epochs_smaller(split_root, tmp_path, monkeypatch):
+    sizes = []
+    real = OptimizerStep.forward_backward
+
+    def spy(self, net, x, y, *, sync=True):
+        sizes.append((self.state.epoch, x.shape[-1], x.is_contiguous(memory_format=torch.channels_last)))
+        return real(self, net, x, y, sync=sync)
+
+    monkeypatch.setattr(OptimizerStep, "forward_backward", spy)
+    result, _ = train(_cfg(split_root, epochs=3, low_res=16, low_res_epochs=2, ema=0.0), run_dir=tmp_path / "r")
+    assert {(e, s) for e, s, _ in sizes} == {(0, 16), (1, 16), (2, 32)} and all(cl for _, _, cl in sizes)
+    assert result.epochs_run == 3
+    assert len(_weights(tmp_path / "r")) > 0  # checkpoints and evaluation at the full size as usual
+
+
+def test_the_smaller_batch_is_torchvisions_antialiased_resize():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.rand(4, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    out = batches_mod.shrink(x, 64)
+    assert out.shape == (4, 3, 64, 64) and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, TF.resize(x.contiguous(), [64, 64], antialias=True), atol=1e-5, rtol=0)

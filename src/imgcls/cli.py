@@ -53,6 +53,9 @@ HELP = {
     "grad_clip": "clip the gradient norm to this value (0 = off)",
     "accum_steps": "batches accumulated per optimizer step",
     "epochs": "epochs to train",
+    "low_res": "progressive resizing: train the first --low-res-epochs epochs at this size in pixels (cheaper steps), "
+    "the rest and all evaluation at --img-size (0 = off)",
+    "low_res_epochs": "how many of the first epochs train at --low-res",
     "batch_size": "images per batch (per process under torchrun)",
     "seed": "seed of the weights' init, the batch order and the augmentation",
     "tensorboard": "write TensorBoard event files under RUN/tensorboard (default on)",

@@ -70,6 +70,8 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay; 0 = off
     # loop
     epochs: int = 10
+    low_res: int = 0  # progressive resizing: the first low_res_epochs epochs train at this size (0 = off)
+    low_res_epochs: int = 0
     batch_size: int = 64
     augment: str = "flip-rotate"
     seed: int = 0
@@ -126,6 +128,14 @@ class TrainConfig:
             raise ImgclsError(f"config: ema is a decay in [0, 1), got {self.ema}")
         if self.img_size != 0 and not IMG_SIZE_MIN <= self.img_size <= IMG_SIZE_MAX:
             raise ImgclsError(f"config: img_size must be 0 (auto) or in [{IMG_SIZE_MIN}, {IMG_SIZE_MAX}], got {self.img_size}")
+        if (self.low_res == 0) != (self.low_res_epochs == 0):
+            raise ImgclsError("config: low_res and low_res_epochs go together (progressive resizing); set both or neither")
+        if self.low_res and not IMG_SIZE_MIN <= self.low_res <= IMG_SIZE_MAX:
+            raise ImgclsError(f"config: low_res must be 0 (off) or in [{IMG_SIZE_MIN}, {IMG_SIZE_MAX}], got {self.low_res}")
+        if not 0 <= self.low_res_epochs < self.epochs:
+            raise ImgclsError(f"config: low_res_epochs must be at least 0 and below epochs ({self.epochs}), got {self.low_res_epochs}")
+        if self.low_res and self.img_size and self.low_res >= self.img_size:
+            raise ImgclsError(f"config: low_res ({self.low_res}) must be below img_size ({self.img_size})")
         if not IMG_SIZE_MIN <= self.max_img_size <= IMG_SIZE_MAX:
             raise ImgclsError(f"config: max_img_size must be in [{IMG_SIZE_MIN}, {IMG_SIZE_MAX}], got {self.max_img_size}")
 

@@ -63,6 +63,14 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.pin_memory().to(device, non_blocking=True)
 
 
+def shrink(x: torch.Tensor, size: int) -> torch.Tensor:
+    """An augmented batch at ``size`` x ``size`` for progressive resizing (``--low-res``): antialiased bilinear,
+    as torchvision's ``Resize`` on tensors, in channels_last memory. The augmentation ran at the decoded size,
+    so a rotation or crop loses no more detail than it would there."""
+    out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
 class TrainBatches:
     """``get(idx_host, idx_dev, g) -> (x, y, net)``: the batch input, labels and the module to run on it."""
 
@@ -73,6 +81,7 @@ class TrainBatches:
         self.net, self.augment, self.device = net, augment, device
         self.features: feat_mod.FrozenFeatureCache | None = None
         self.rest: Callable | None = None
+        self.size = 0  # progressive resizing: the size this epoch's batches are shrunk to (0 = as decoded)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,8 +94,10 @@ class TrainBatches:
         y = self.labels[idx_dev]
         if self.features is not None:
             return self.features.batch(idx_dev, g), y, self.rest
-        x = to_device(self.images.take(idx_host if self.streaming else idx_dev), self.device)
-        return self.augment(x, g), y, self.net
+        x = self.augment(to_device(self.images.take(idx_host if self.streaming else idx_dev), self.device), g)
+        if self.size and self.size != x.shape[-1]:
+            x = shrink(x, self.size)
+        return x, y, self.net
 
     def use_frozen_features(self, model: nn.Module, freeze: int, val: Validator, *, precision: str, train_precision: str,
                             channels_last: bool, mean, std) -> None:

@@ -102,6 +102,7 @@ def train_epoch(cfg: TrainConfig, rt: Runtime, run: Run, batches: TrainBatches, 
     """The rest of the current epoch (all of it unless resumed mid-epoch): loss, accuracy and speed."""
     state = run.state
     run.train_mode()
+    batches.size = cfg.low_res if state.epoch < cfg.low_res_epochs else 0
     order = epoch_order(cfg.seed, state.epoch, len(batches), rt, run.sampler_labels)
     idx_host, idx_dev = _batches(order, cfg.batch_size), _batches(order.to(rt.device), cfg.batch_size)
     n = len(idx_dev) - len(idx_dev) % cfg.accum_steps or len(idx_dev)  # whole accumulation groups only
@@ -199,6 +200,7 @@ class Run:
         return (
             f"model {cfg.model}{' (pretrained)' if cfg.pretrained else ''}: {params:.1f}M params, "
             f"{self.precision}{' channels_last' if self.channels_last else ''} on {rt.device}" + (f" x {rt.world} ranks" if rt.distributed else "")
+            + (f"; epochs 1-{cfg.low_res_epochs} at {cfg.low_res}px, then {cfg.img_size}px" if cfg.low_res_epochs else "")
         )
 
     def train_mode(self) -> None:
@@ -213,8 +215,9 @@ class Run:
         validate = Validator(data.val, rt, mean=self.mean, std=self.std, precision=self.precision, batch_size=max(cfg.batch_size, 128),
                              num_classes=len(data.classes))
         # Frozen stages + flip/none augmentation: their output is computed once (engine/features.py).
-        # Not under DDP: the cached path calls the model's parts directly, around DDP's hooks.
-        if cfg.freeze > 0 and cfg.augment in feat_mod.AUGMENTS and not rt.distributed:
+        # Not under DDP: the cached path calls the model's parts directly, around DDP's hooks. Not with
+        # progressive resizing: the cache holds the stages' output at one size.
+        if cfg.freeze > 0 and cfg.augment in feat_mod.AUGMENTS and not rt.distributed and not cfg.low_res_epochs:
             self.train_mode()
             batches.use_frozen_features(
                 self.state.model, cfg.freeze, validate, train_precision=self.precision, channels_last=self.channels_last,
