@@ -6,7 +6,8 @@ planning (skip finished runs, continue unfinished ones, refuse stale ones) stays
 ``local``: on CPU (or one GPU) the runs go one after another in this process. With several visible CUDA
 devices each run is a subprocess ``python -m imgcls train`` pinned to one device by ``CUDA_VISIBLE_DEVICES``.
 With ``jobs`` > 1 (CPU runs) that many subprocesses run side by side, each with its share of the cores as
-``OMP_NUM_THREADS`` (a run that starts when fewer are left gets a larger share). On two cores, four
+``OMP_NUM_THREADS`` (a run that starts when fewer are left gets a larger share, and once none is left to
+start, the running ones take up the cores of those that end). On two cores, four
 ResNet-18 runs with ``jobs`` 2 trained 11 % more images a second and finished 1.08x as fast as one at a
 time (``bench/study_jobs.py``). With one visible GPU the ``jobs`` runs share it (not measured here).
 
@@ -242,9 +243,9 @@ def _execute_parallel(runs: list[PlannedRun], out: Path, *, slots: list[tuple[st
     """Run ``runs`` as subprocesses, one per slot at a time; a slot is a name and what it adds to the environment.
 
     ``share_cores`` (CPU runs): a run starts with ``OMP_NUM_THREADS`` = its share of the cores among the runs
-    not yet finished, up to one per slot; the share is fixed when it starts. A last run that starts alone
-    gets every core instead of training on one while the others idle, and once no run is left to start, the
-    runs still running take up the cores that ended runs leave free (``IMGCLS_THREADS_FILE``)."""
+    not yet finished, up to one per slot, so a last run that starts alone gets every core. Once no run is left
+    to start, the runs still running take up the cores that ended runs leave free: each gets a threads file
+    (``IMGCLS_THREADS_FILE``, in a temporary folder) that its training loop reads (engine.runtime.CoreShare)."""
     _decode_once(runs)
     with tempfile.TemporaryDirectory(prefix="imgcls-threads-") as tmp:
         _run_children(runs, out, slots=slots, total=total, done_before=done_before,
