@@ -1,7 +1,8 @@
 """A study on CPU: one run at a time (``--jobs 1``) against runs side by side (``--jobs 2``), same spec, one script.
 
-The spec is the laptop study's base (``studies/laptop.yaml``: ResNet-18 from scratch, 96 px, batch 32, Adam,
+The spec is the laptop study's base (``studies/laptop.yaml``: ResNet-18-D from scratch, 96 px, batch 32, Adam,
 flip + rotate) cut to ``--epochs`` epochs, 2 arms (baseline, dropout) x 2 seeds = 4 runs, on intel-scenes.
+The README's figures were measured when that base was ResNet-18 (same size, batch and optimizer).
 Each side is one ``imgcls study`` process timed from start to exit, into its own study folder. The decode
 cache (``IMGCLS_CACHE`` in a temporary folder) is filled before either side starts, so neither pays for it.
 

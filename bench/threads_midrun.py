@@ -2,7 +2,7 @@
 
 ``imgcls study --jobs N`` starts each run with its share of the cores in ``OMP_NUM_THREADS``; once no run is
 left to start, an ended run's cores go to the ones still running, which call ``torch.set_num_threads`` between
-steps (``engine/runtime.py: CoreShare``). This times the same training step (ResNet-18 at 96 px, batch 32,
+steps (``engine/runtime.py: CoreShare``). This times the same training step (ResNet-18-D at 96 px, batch 32,
 bf16 autocast, channels_last, fused Adam: the laptop study's base) in one process: on 1 thread, then after
 ``torch.set_num_threads(N)``, then back on 1 thread, alternating chunks; the figure per side is the median.
 Batches are held in memory (the data path is not on the clock). Start it with ``OMP_NUM_THREADS=1``, as the
@@ -30,7 +30,7 @@ from torch import nn
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--model", default="resnet18d")
     ap.add_argument("--img-size", type=int, default=96)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads given mid-run")

@@ -269,12 +269,13 @@ def test_once_every_run_started_an_ended_run_leaves_its_cores_to_the_running_one
         c = a
         try:
             a.kill(), a.wait()
-            children.finished(a, 1.0, total=3)  # a third run is still to start and takes a's cores
+            assert children.finished(a, 1.0, total=3) is None  # a third run is still to start and takes a's cores
             assert not files[1].exists()
             c = children.start(sleep, dict(__import__("os").environ), log, files[2])
             b.kill(), b.wait()
-            children.finished(b, 1.0, total=3)  # nothing left to start: c gets every core
+            line = children.finished(b, 1.0, total=3)  # nothing left to start: c gets every core
             assert files[2].read_text() == "4\n" and not files[1].exists()
+            assert line == "  the 1 run(s) still training now use 4 CPU thread(s) each"
         finally:
             for p in {a, b, c}:
                 p.kill()

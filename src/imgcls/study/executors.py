@@ -189,19 +189,21 @@ class _Children:
             self.started += 1
             return proc
 
-    def finished(self, proc: subprocess.Popen, seconds: float, *, total: int) -> None:
+    def finished(self, proc: subprocess.Popen, seconds: float, *, total: int) -> str | None:
         """``proc`` ended. Once every run has started, the cores it used go to the runs still running
-        (through their threads files, engine.runtime.CoreShare)."""
+        (through their threads files, engine.runtime.CoreShare); returns a line saying so, if they did."""
         with self.lock:
             self.running.pop(proc, None)
             self.seconds.append(seconds)
             if self.started < total or self.signum is not None:
-                return
+                return None
             files = [f for p, f in self.running.items() if f is not None and p.poll() is None]
-            if files:
-                threads = cpu_threads(len(files))
-                for f in files:
-                    _write_threads(f, threads)
+            if not files:
+                return None
+            threads = cpu_threads(len(files))
+            for f in files:
+                _write_threads(f, threads)
+            return f"  the {len(files)} run(s) still training now use {threads} CPU thread(s) each"
 
     def eta(self, total: int, slots: int) -> str:
         """Ended runs and a rough time left: the mean run so far, times the runs left, over the slots."""
@@ -287,10 +289,12 @@ def _run_children(runs: list[PlannedRun], out: Path, *, slots: list[tuple[str, d
                 what = "continuing" if r.state == "resume" else "run"
                 progress.say(f"{what} {next(counter)}/{total}: {r.arm} seed {r.seed} ({where})")
                 rc = proc.wait()
-                children.finished(proc, time.perf_counter() - t0, total=len(runs))
+                more_cores = children.finished(proc, time.perf_counter() - t0, total=len(runs))
             outcome = _outcome(_summary(r.path)) if rc == 0 else f"stopped (exit {rc})" if children.signum else f"failed (exit {rc})"
             progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s; "
                          f"{children.eta(len(runs), len(slots))}")
+            if more_cores:
+                progress.say(more_cores)
             return r, rc
         finally:
             free.put((name, env_more))
