@@ -27,6 +27,8 @@ ENVIRONMENT = [
     ("IMGCLS_QUIET", "`1` silences progress bars and summary lines (errors still print)"),
     ("IMGCLS_FASHION_MNIST_DIR", "where the Fashion-MNIST IDX files are (default `/usr/share/datasets/fashion-mnist`)"),
     ("IMGCLS_MALLOC", "`default` keeps glibc's own malloc settings instead of imgcls' (no heap trimming)"),
+    ("IMGCLS_THREADS_FILE", "set by `imgcls study --jobs N` for each run it starts, not by users: a file with the run's "
+     "CPU thread count, which the study raises when other runs end and none is left to start"),
     ("RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT", "set by `torchrun`: one run over several processes"),
     ("CUDA_VISIBLE_DEVICES", "the GPUs a study spreads its runs over (one run per GPU)"),
 ]
