@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=3, help="chunks per side")
     args = ap.parse_args()
     start = torch.get_num_threads()
+    if start == args.threads:
+        ap.error(f"the run starts on {start} thread(s) already: start it with OMP_NUM_THREADS=1, or pass another --threads")
     model = timm.create_model(args.model, num_classes=6).to(memory_format=torch.channels_last)
     opt = timm.optim.create_optimizer_v2(model, opt="adam", lr=1e-3, weight_decay=0.0, fused=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)

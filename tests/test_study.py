@@ -297,7 +297,7 @@ def test_sigterm_to_a_study_with_jobs_stops_its_runs_at_a_checkpoint(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "imgcls", "study", str(spec_path), "--out", str(out), "--jobs", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "IMGCLS_CACHE": str(tmp_path / "cache")})
+                            env={**os.environ, "IMGCLS_CACHE": str(tmp_path / "cache"), "IMGCLS_QUIET": "0"})
     first = [out / "runs" / "baseline" / f"seed{k}" / "metrics.csv" for k in (0, 1)]
     deadline = time.time() + 240
     while not all(f.exists() for f in first) and time.time() < deadline and proc.poll() is None:
@@ -307,6 +307,7 @@ def test_sigterm_to_a_study_with_jobs_stops_its_runs_at_a_checkpoint(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM during the study's runs" in err and "rerun the same study command" in err
     assert "Traceback" not in err
+    assert "seed 0: stopped (exit" in err and "ended" not in err  # stopping runs are not counted as ended
     states = {r.seed: r.state for r in runner.plan(spec.load_spec(spec_path), out)}
     assert states == {0: "resume", 1: "resume", 2: "new"}  # the third run never started
 

@@ -291,8 +291,9 @@ def _run_children(runs: list[PlannedRun], out: Path, *, slots: list[tuple[str, d
                 rc = proc.wait()
                 more_cores = children.finished(proc, time.perf_counter() - t0, total=len(runs))
             outcome = _outcome(_summary(r.path)) if rc == 0 else f"stopped (exit {rc})" if children.signum else f"failed (exit {rc})"
-            progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s; "
-                         f"{children.eta(len(runs), len(slots))}")
+            # after a signal the runs are stopping, not ending: no count of ended runs and no time left
+            progress.say(f"  {r.arm} seed {r.seed}: {outcome} in {time.perf_counter() - t0:.0f}s"
+                         + ("" if children.signum else f"; {children.eta(len(runs), len(slots))}"))
             if more_cores:
                 progress.say(more_cores)
             return r, rc
